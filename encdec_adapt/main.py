@@ -1,0 +1,41 @@
+"""The `encdec-adapt` command line: `encdec-adapt COMMAND [ARGS...]` (also `python -m encdec_adapt.main`).
+
+Each command lives in the module that owns its work and is imported only when used, so that
+`import-hf` does not pay for TensorFlow and `train` does not pay for torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, function taking argv without the command, returning an exit code, and a
+# one-line summary).
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "import-hf": ("encdec_adapt.convert.cli", "import_hf_main", "HF checkpoint dir -> Orbax"),
+    "export-hf": ("encdec_adapt.convert.cli", "export_hf_main", "Orbax checkpoint -> HF dir"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: encdec-adapt COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<12} {summary}" for name, (_, _, summary) in COMMANDS.items()]
+    lines += ["", "`encdec-adapt COMMAND --help` describes a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"encdec-adapt: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module, function, _ = COMMANDS[command]
+    return int(getattr(importlib.import_module(module), function)(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,254 @@
+"""The Gemma 2 / Gemma 3 transformer: blocks, the layer stack, and the decoder-only language model.
+
+`Stack` is shared by every model in the package: causal for decoders, bidirectional for encoders
+and embedding towers.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from encdec_adapt import layers, sharding
+from encdec_adapt.attention import KV, Attention, attention_mask
+from encdec_adapt.config import AttentionType, GemmaConfig
+
+_ACT = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _norm(cfg: GemmaConfig, dim: int, rngs: nnx.Rngs) -> layers.RMSNorm:
+    return layers.RMSNorm(dim, eps=cfg.rms_norm_eps, param_dtype=cfg.weight_dtype, rngs=rngs)
+
+
+def make_attention(
+    cfg: GemmaConfig, attention_type: AttentionType | None, rngs: nnx.Rngs, kv_input_dim=None
+) -> Attention:
+    """Self-attention of a layer of `attention_type`; cross-attention when the type is None."""
+    if attention_type is None:
+        rope_base, rope_scale = None, 1.0
+    elif attention_type == AttentionType.LOCAL:
+        rope_base, rope_scale = cfg.rope_base_local, 1.0
+    else:
+        rope_base, rope_scale = cfg.rope_base_global, cfg.rope_scale_global
+    return Attention(
+        embed_dim=cfg.embed_dim,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        query_pre_attn_scalar=cfg.query_pre_attn_scalar,
+        attn_logits_soft_cap=cfg.attn_logits_soft_cap,
+        use_qk_norm=cfg.use_qk_norm,
+        rms_norm_eps=cfg.rms_norm_eps,
+        rope_base=rope_base,
+        rope_scale=rope_scale,
+        kv_input_dim=kv_input_dim,
+        param_dtype=cfg.weight_dtype,
+        rngs=rngs,
+    )
+
+
+class Block(nnx.Module):
+    """One Gemma layer: norm -> self-attn -> norm -> residual; norm -> GeGLU -> norm -> residual."""
+
+    def __init__(self, cfg: GemmaConfig, attention_type: AttentionType, *, rngs: nnx.Rngs):
+        self.attention_type = attention_type
+        self.dropout_rate = cfg.dropout_rate
+        self.pre_attn_norm = _norm(cfg, cfg.embed_dim, rngs)
+        self.attn = make_attention(cfg, attention_type, rngs)
+        self.post_attn_norm = _norm(cfg, cfg.embed_dim, rngs)
+        self.pre_ffw_norm = _norm(cfg, cfg.embed_dim, rngs)
+        self.mlp = layers.FeedForward(
+            cfg.embed_dim, cfg.hidden_dim, param_dtype=cfg.weight_dtype, rngs=rngs
+        )
+        self.post_ffw_norm = _norm(cfg, cfg.embed_dim, rngs)
+
+    def self_attention(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        mask: jax.Array,
+        cache: KV | None,
+        cache_index: jax.Array | None,
+    ) -> tuple[jax.Array, KV | None]:
+        """Attention sub-block output (before the residual) and the updated layer cache."""
+        h = self.pre_attn_norm(x)
+        q = self.attn.queries(h, positions)
+        kv = self.attn.keys_values(h, positions)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            kv = KV(
+                jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start),
+            )
+        return self.post_attn_norm(self.attn.attend(q, kv, mask)), kv if cache is not None else None
+
+    def feed_forward(self, x: jax.Array) -> jax.Array:
+        return self.post_ffw_norm(self.mlp(self.pre_ffw_norm(x)))
+
+    def __call__(self, x, positions, mask, *, cache=None, cache_index=None, rng=None):
+        """x: [B, T, D] -> ([B, T, D], updated cache or None)."""
+        rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
+        attn, cache = self.self_attention(x, positions, mask, cache, cache_index)
+        x = sharding.constrain(x + layers.dropout(attn, self.dropout_rate, rngs[0]), _ACT)
+        ffw = self.feed_forward(x)
+        x = sharding.constrain(x + layers.dropout(ffw, self.dropout_rate, rngs[1]), _ACT)
+        return x, cache
+
+
+class DecodeCache(NamedTuple):
+    """Self-attention cache of a whole stack.
+
+    layers: one KV per layer, each [B, L, K, H]; positions / segment_ids: [B, L] of the cached
+    slots (segment 0 = empty); index: the next slot to write (a scalar int32).
+    """
+
+    layers: tuple[KV, ...]
+    positions: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+
+
+def init_cache(cfg: GemmaConfig, batch_size: int, max_length: int) -> DecodeCache:
+    """An empty cache of `max_length` slots in the compute dtype."""
+    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    kv = KV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+    zeros = jnp.zeros((batch_size, max_length), jnp.int32)
+    return DecodeCache((kv,) * cfg.num_layers, zeros, zeros, jnp.zeros((), jnp.int32))
+
+
+def default_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions 0, 1, ... restarting at each new segment of a packed row. [B, T] -> [B, T]."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+class Stack(nnx.Module):
+    """Gemma layers and the final norm over embedded inputs; causal or bidirectional."""
+
+    block_cls = Block
+
+    def __init__(self, cfg: GemmaConfig, *, causal: bool, rngs: nnx.Rngs):
+        self.causal = causal
+        self.sliding_window = cfg.sliding_window
+        self.blocks = nnx.List([self.block_cls(cfg, t, rngs=rngs) for t in cfg.layer_types])
+        self.final_norm = _norm(cfg, cfg.embed_dim, rngs)
+
+    def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, jax.Array]:
+        """The [B, T, S] mask of each attention type, built once for all layers."""
+        out = {}
+        for t in set(b.attention_type for b in self.blocks):
+            window = self.sliding_window if t == AttentionType.LOCAL else None
+            out[t] = attention_mask(q_pos, q_seg, k_pos, k_seg, causal=self.causal, window=window)
+        return out
+
+    def __call__(
+        self,
+        x: jax.Array,
+        positions: jax.Array,
+        segment_ids: jax.Array,
+        *,
+        cache: DecodeCache | None = None,
+        rng: jax.Array | None = None,
+        **block_kwargs,
+    ) -> tuple[jax.Array, DecodeCache | None]:
+        """x: [B, T, D] embedded inputs; positions, segment_ids: [B, T] -> ([B, T, D], cache)."""
+        x = sharding.constrain(x, _ACT)
+        if cache is None:
+            masks = self.masks(positions, segment_ids, positions, segment_ids)
+        else:
+            start = (0, cache.index)
+            cache = cache._replace(
+                positions=jax.lax.dynamic_update_slice(cache.positions, positions, start),
+                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
+            )
+            masks = self.masks(positions, segment_ids, cache.positions, cache.segment_ids)
+        new_layers = []
+        for i, block in enumerate(self.blocks):
+            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            x, layer_cache = block(
+                x,
+                positions,
+                masks[block.attention_type],
+                cache=None if cache is None else cache.layers[i],
+                cache_index=None if cache is None else cache.index,
+                rng=layer_rng,
+                **block_kwargs,
+            )
+            new_layers.append(layer_cache)
+        if cache is not None:
+            cache = cache._replace(layers=tuple(new_layers), index=cache.index + positions.shape[1])
+        return self.final_norm(x), cache
+
+
+class DecoderOnly(nnx.Module):
+    """A Gemma causal language model: embed -> causal stack -> tied logits (-> soft-cap).
+
+    The t5x-style model API (losses, scoring, decoding) lives in the modules that use it; this
+    class is the network only.
+    """
+
+    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.embedder = layers.Embedder(
+            cfg.vocab_size, cfg.embed_dim, param_dtype=cfg.weight_dtype, rngs=rngs
+        )
+        self.stack = Stack(cfg, causal=True, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.param(
+                rngs,
+                layers.fan_in_init(-1),
+                (cfg.vocab_size, cfg.embed_dim),
+                ("vocab", "embed"),
+                cfg.weight_dtype,
+            )
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, T, D] final hidden states -> [B, T, V] logits (float32 when soft-capped)."""
+        if self.config.tie_embeddings:
+            logits = self.embedder.decode(hidden)
+        else:
+            logits = jnp.einsum("btd,vd->btv", hidden, self.lm_head[...].astype(hidden.dtype))
+        logits = sharding.constrain(
+            logits, ("activation_batch", "activation_length", "activation_vocab")
+        )
+        cap = self.config.final_logit_soft_cap
+        return logits if cap is None else jnp.tanh(logits.astype(jnp.float32) / cap) * cap
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        *,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: DecodeCache | None = None,
+        rng: jax.Array | None = None,
+        return_hidden: bool = False,
+    ) -> tuple[jax.Array, DecodeCache | None]:
+        """Next-token logits.
+
+        Args:
+          tokens: [B, T] int token ids.
+          segment_ids: [B, T]; 0 marks padding, distinct non-zero ids mark packed documents
+            (default: all ones).
+          positions: [B, T] (default: 0, 1, ... restarting per segment).
+          cache: a `DecodeCache`; the T tokens are written at `cache.index`.
+          rng: dropout key; None disables dropout.
+          return_hidden: return the final-norm hidden states [B, T, D] instead of logits.
+        Returns:
+          ([B, T, V] logits or [B, T, D] hidden states, the updated cache or None).
+        """
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens, jnp.int32)
+        if positions is None:
+            positions = default_positions(segment_ids)
+        x = self.embedder.encode(tokens, self.config.compute_dtype)
+        hidden, cache = self.stack(x, positions, segment_ids, cache=cache, rng=rng)
+        return (hidden if return_hidden else self.logits(hidden)), cache

@@ -1,0 +1,41 @@
+"""encdec_adapt: adapt decoder-only Gemma models into encoder-decoders and embedding towers."""
+
+import setuptools
+
+# Versions installed and tested together on Python 3.11 (CPU). Bump them together.
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "seqio==0.0.20",
+    "gin-config==0.5.0",
+    "tensorflow==2.21.0",
+    "tensorflow-text==2.21.1",
+    "tensorflow-datasets==4.9.10",
+    "sentencepiece==0.2.3",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "tqdm==4.70.1",
+]
+
+TEST_REQUIRES = [
+    "pytest==9.2.0",
+    "ruff==0.17.6",
+    # CPU build; on these machines pip takes it from a local wheel.
+    "torch==2.13.0",
+    "transformers==5.23.0",
+]
+
+setuptools.setup(
+    name="encdec_adapt",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["encdec_adapt", "encdec_adapt.*"]),
+    package_data={"encdec_adapt": ["py.typed"]},
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={"console_scripts": ["encdec-adapt=encdec_adapt.main:main"]},
+)
