@@ -1,7 +1,8 @@
-"""The `encdec-adapt` command line: `encdec-adapt COMMAND [ARGS...]` (also `python -m encdec_adapt.main`).
+"""The `encdec-adapt` command line: `encdec-adapt COMMAND [ARGS...]`.
 
-Each command lives in the module that owns its work and is imported only when used, so that
-`import-hf` does not pay for TensorFlow and `train` does not pay for torch.
+Also runnable as `python -m encdec_adapt.main`. Each command lives in the module that owns its
+work and is imported only when used, so that `import-hf` does not pay for TensorFlow and `train`
+does not pay for torch.
 """
 
 from __future__ import annotations

@@ -1,0 +1,134 @@
+"""Parameter checkpoints: an Orbax tree of arrays plus the model config, as one directory.
+
+Layout of a params checkpoint directory:
+  CKPT_DIR/model.json   {"model_type": ..., "config": {...}} (what builds the model)
+  CKPT_DIR/params/      Orbax StandardCheckpointer tree, the nested dict of `nnx.to_pure_dict`
+
+This is what `import-hf` writes and what warm starts read. Training checkpoints (optimizer state,
+step, data position) are managed by the trainer's CheckpointManager and can be read here too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+PyTree = Any
+
+
+class CheckpointError(ValueError):
+    """An unusable checkpoint; the message names the path, and the parameter and shapes."""
+
+
+def flatten(tree: PyTree) -> dict[str, Any]:
+    """Nested dict -> {"a/b/c": leaf}."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
+    return out
+
+
+def unflatten(flat: dict[str, Any]) -> dict:
+    """{"a/b/c": leaf} -> nested dict (integer keys for list indices, as nnx uses)."""
+    root: dict = {}
+    for name, leaf in flat.items():
+        node = root
+        keys = [int(k) if k.isdigit() else k for k in name.split("/")]
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    return root
+
+
+def check_compatible(expected: PyTree, given: PyTree, source: str) -> None:
+    """Raises CheckpointError on the first parameter missing, unknown or of another shape."""
+    exp, got = flatten(expected), flatten(given)
+    for name in exp:
+        if name not in got:
+            raise CheckpointError(f"{source}: parameter {name!r} is missing")
+        if tuple(np.shape(exp[name])) != tuple(np.shape(got[name])):
+            raise CheckpointError(
+                f"{source}: parameter {name!r} has shape {tuple(np.shape(got[name]))}, "
+                f"the model expects {tuple(np.shape(exp[name]))}"
+            )
+    unknown = sorted(set(got) - set(exp))
+    if unknown:
+        raise CheckpointError(f"{source}: unknown parameter {unknown[0]!r} ({len(unknown)} in all)")
+
+
+def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=False) -> None:
+    """Writes `params` (a nested dict of arrays) and the model description to `path`.
+
+    The directory is written under a temporary name and renamed at the end, so an interrupted save
+    never leaves something that looks like a checkpoint.
+    """
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass overwrite to replace it)")
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckpt.wait_until_finished()
+    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+        json.dump({"model_type": model_type, "config": config}, f, indent=2, sort_keys=True)
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def read_model_json(path: str) -> tuple[str, dict]:
+    """(model_type, config dict) of a params checkpoint directory."""
+    file = os.path.join(path, MODEL_JSON)
+    if not os.path.exists(file):
+        raise CheckpointError(f"{file} does not exist: {path} is not a params checkpoint")
+    with open(file) as f:
+        d = json.load(f)
+    return d["model_type"], d["config"]
+
+
+def load(path: str, target: PyTree | None = None) -> PyTree:
+    """Reads the params tree of `path`.
+
+    With `target` (a tree of arrays or jax.ShapeDtypeStruct, shardings included), the names and
+    shapes are checked first and arrays are restored directly into the target's shardings.
+    """
+    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
+    if not os.path.isdir(params_dir):
+        raise CheckpointError(f"{params_dir} does not exist: {path} is not a params checkpoint")
+    ckpt = ocp.StandardCheckpointer()
+    if target is None:
+        return ckpt.restore(params_dir)
+    stored = ckpt.metadata(params_dir)
+    stored_tree = getattr(stored, "item_metadata", stored)
+    stored_tree = getattr(stored_tree, "tree", stored_tree)
+    check_compatible(target, stored_tree, path)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+        target,
+    )
+    return ckpt.restore(params_dir, abstract)
+
+
+def model_params(model: nnx.Module) -> dict:
+    """The nested dict of parameter arrays of `model`."""
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def load_into(model: nnx.Module, path: str) -> None:
+    """Restores `path` into `model` in place, keeping the model's shardings."""
+    params = load(path, model_params(model))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
