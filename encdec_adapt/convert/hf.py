@@ -1,0 +1,105 @@
+"""`import-hf` / `export-hf`: HF model directories <-> params checkpoints of this project.
+
+An importer or exporter is registered per model type; Gemma 2 / Gemma 3 causal LMs map to
+`DecoderOnly` ("decoder_only" in model.json).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from flax import nnx
+
+from encdec_adapt import params_io
+from encdec_adapt.config import GemmaConfig
+from encdec_adapt.convert import gemma, hf_files
+from encdec_adapt.params_io import CheckpointError
+from encdec_adapt.transformer import DecoderOnly
+
+DECODER_ONLY = "decoder_only"
+
+
+def abstract_shapes(factory: Callable[[], nnx.Module]) -> dict[str, tuple[int, ...]]:
+    """Flat parameter shapes of the model `factory` builds, without allocating it."""
+    state = nnx.state(nnx.eval_shape(factory), nnx.Param)
+    return {k: tuple(v.shape) for k, v in params_io.flatten(nnx.to_pure_dict(state)).items()}
+
+
+def _import_decoder_only(hf_config: dict, tensors: dict, source: str) -> tuple[str, dict, Any]:
+    cfg = gemma.config_from_hf(hf_config, source)
+    shapes = abstract_shapes(lambda: DecoderOnly(cfg, rngs=nnx.Rngs(0)))
+    # A tied checkpoint may still carry lm_head.weight (a copy of the embedding): ignore it.
+    ignore = ["lm_head.weight"] if cfg.tie_embeddings else []
+    params = gemma.import_tensors(gemma.decoder_only_rules(cfg), tensors, shapes, source, ignore)
+    return DECODER_ONLY, cfg.to_dict(), params
+
+
+def _export_decoder_only(config: dict, params: Any) -> tuple[dict, dict]:
+    cfg = GemmaConfig.from_dict(config)
+    tensors = gemma.export_tensors(gemma.decoder_only_rules(cfg), params_io.flatten(params))
+    return gemma.config_to_hf(cfg), tensors
+
+
+# HF model_type -> importer(hf_config, tensors, source) -> (our model_type, config dict, params)
+IMPORTERS: dict[str, Callable[[dict, dict, str], tuple[str, dict, Any]]] = {
+    "gemma2": _import_decoder_only,
+    "gemma3_text": _import_decoder_only,
+}
+# our model_type -> exporter(config dict, params) -> (HF config dict, HF tensors)
+EXPORTERS: dict[str, Callable[[dict, Any], tuple[dict, dict]]] = {
+    DECODER_ONLY: _export_decoder_only,
+}
+
+
+def read_hf(hf_dir: str) -> tuple[str, dict, Any]:
+    """(our model_type, config dict, params) of an HF directory, checked and converted."""
+    hf_config = hf_files.read_config(hf_dir)
+    model_type = hf_config.get("model_type")
+    if model_type not in IMPORTERS:
+        raise gemma.UnsupportedArchitecture(
+            f"{os.path.join(hf_dir, hf_files.CONFIG_JSON)}: model_type {model_type!r} "
+            f"(architectures {hf_config.get('architectures')}) is not supported; "
+            f"supported: {sorted(IMPORTERS)}"
+        )
+    tensors = hf_files.read_tensors(hf_dir)
+    return IMPORTERS[model_type](hf_config, tensors, hf_dir)
+
+
+def import_hf(hf_dir: str, output: str, *, overwrite: bool = False) -> str:
+    """Converts an HF model directory into a params checkpoint at `output`; returns model_type."""
+    if os.path.exists(output) and not overwrite:
+        raise CheckpointError(f"{output} already exists (pass --overwrite to replace it)")
+    model_type, config, params = read_hf(hf_dir)
+    params_io.save(output, params, model_type, config, overwrite=overwrite)
+    return model_type
+
+
+def export_hf(ckpt_dir: str, output: str, *, overwrite: bool = False) -> str:
+    """Writes the params checkpoint `ckpt_dir` as an HF directory; returns the HF architecture."""
+    if os.path.exists(os.path.join(output, hf_files.CONFIG_JSON)) and not overwrite:
+        raise CheckpointError(f"{output} already holds a model (pass --overwrite to replace it)")
+    model_type, config = params_io.read_model_json(ckpt_dir)
+    if model_type not in EXPORTERS:
+        raise CheckpointError(
+            f"{ckpt_dir}: model_type {model_type!r} has no HF export; "
+            f"exportable: {sorted(EXPORTERS)}"
+        )
+    params = jax.tree.map(lambda x: jax.device_get(x), params_io.load(ckpt_dir))
+    hf_config, tensors = EXPORTERS[model_type](config, params)
+    hf_files.write(output, hf_config, tensors)
+    return hf_config["architectures"][0]
+
+
+def load_hf_decoder(hf_dir: str) -> DecoderOnly:
+    """A `DecoderOnly` model with the weights of an HF Gemma 2 / Gemma 3 causal-LM directory."""
+    model_type, config, params = read_hf(hf_dir)
+    if model_type != DECODER_ONLY:
+        raise CheckpointError(f"{hf_dir} holds a {model_type!r} model, not a decoder-only LM")
+    model = DecoderOnly(GemmaConfig.from_dict(config), rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    nnx.replace_by_pure_dict(state, params)
+    nnx.update(model, state)
+    return model
