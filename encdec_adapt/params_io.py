@@ -126,9 +126,25 @@ def model_params(model: nnx.Module) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def load_into(model: nnx.Module, path: str) -> None:
-    """Restores `path` into `model` in place, keeping the model's shardings."""
-    params = load(path, model_params(model))
+def assign(model: nnx.Module, params: PyTree, source: str) -> None:
+    """Sets `model`'s parameters to `params` (a nested dict of arrays), in place.
+
+    Names and shapes are checked first; each array is cast to the dtype and placed in the
+    sharding of the parameter it replaces.
+    """
     state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
+    current = nnx.to_pure_dict(state)
+    check_compatible(current, params, source)
+
+    def cast(old, new):
+        new = jax.numpy.asarray(new, old.dtype)
+        sh = getattr(old, "sharding", None)
+        return jax.device_put(new, sh) if sh is not None else new
+
+    nnx.replace_by_pure_dict(state, jax.tree.map(cast, current, params))
     nnx.update(model, state)
+
+
+def load_into(model: nnx.Module, path: str) -> None:
+    """Restores `path` into `model` in place, keeping the model's dtypes and shardings."""
+    assign(model, load(path, model_params(model)), path)

@@ -7,6 +7,7 @@ import hf_fixtures
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
@@ -82,6 +83,25 @@ def test_sharded_safetensors_index(tmp_path):
     )
 
 
+def test_bfloat16_checkpoint(tmp_path):
+    """Released checkpoints are bf16: they import without a float32 copy and restore exactly."""
+    hf_dir, ckpt = str(tmp_path / "hf"), str(tmp_path / "ckpt")
+    hf_fixtures.save_gemma(hf_dir, "gemma3", seed=6).to(torch.bfloat16).save_pretrained(hf_dir)
+    assert main.main(["import-hf", "--input", hf_dir, "--output", ckpt]) == 0
+    stored = params_io.load(ckpt)
+    assert stored["embedder"]["embedding"].dtype == jnp.bfloat16
+    model = load_hf_decoder(hf_dir)
+    assert model.embedder.embedding[...].dtype == jnp.float32
+    # A fresh float32 load of the same files (the bf16 torch model's rotary buffers are rounded).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokens, mask = hf_fixtures.padded_batch(96, LENGTHS, seed=8)
+    assert_close_on_tokens(
+        our_logits(model, tokens, mask), hf_fixtures.hf_logits(reference, tokens, mask), mask
+    )
+
+
 def test_gemma_library_tree_with_extra_vocab_rows(tmp_path):
     """A gemma-library layout built here from the HF tensors by its own reshapes, with 32 extra
     embedding rows as the Kaggle Gemma 2 checkpoints carry (256128 vs 256000)."""
@@ -128,10 +148,7 @@ def test_gemma_library_tree_with_extra_vocab_rows(tmp_path):
         gemma.from_gemma_library({"transformer": tree}, cfg)
     params = gemma.from_gemma_library({"transformer": tree}, cfg, vocab_rows="slice")
     model = DecoderOnly(cfg, rngs=nnx.Rngs(0))
-    params_io.check_compatible(params_io.model_params(model), params, "test")
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+    params_io.assign(model, params, "gemma tree")
     tokens, mask = hf_fixtures.padded_batch(96, LENGTHS, seed=5)
     assert_close_on_tokens(
         our_logits(model, tokens, mask), hf_fixtures.hf_logits(torch_model, tokens, mask), mask

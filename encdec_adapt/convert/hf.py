@@ -99,7 +99,5 @@ def load_hf_decoder(hf_dir: str) -> DecoderOnly:
     if model_type != DECODER_ONLY:
         raise CheckpointError(f"{hf_dir} holds a {model_type!r} model, not a decoder-only LM")
     model = DecoderOnly(GemmaConfig.from_dict(config), rngs=nnx.Rngs(0))
-    state = nnx.state(model, nnx.Param)
-    nnx.replace_by_pure_dict(state, params)
-    nnx.update(model, state)
+    params_io.assign(model, params, hf_dir)
     return model

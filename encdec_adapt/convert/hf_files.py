@@ -6,6 +6,7 @@ import json
 import os
 from typing import Any
 
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetensors load as-is)
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -30,7 +31,8 @@ def read_config(hf_dir: str) -> dict[str, Any]:
 def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     """All tensors of the directory by HF name, from one file or a sharded index.
 
-    bfloat16 tensors are returned as float32 (numpy has no bfloat16 of its own in safetensors).
+    Tensors keep their stored dtype (bfloat16 too), so a large checkpoint is not doubled in
+    host memory; params checkpoints are cast to the model's param_dtype when restored.
     """
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index):
@@ -49,20 +51,10 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         if not os.path.isfile(path):
             raise CheckpointError(f"{path} is listed in {INDEX_FILE} but does not exist")
         try:
-            tensors.update(_load(path))
+            tensors.update(load_file(path))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     return tensors
-
-
-def _load(path: str) -> dict[str, np.ndarray]:
-    try:
-        return load_file(path)
-    except TypeError:
-        # bfloat16 needs a framework that knows the type; ml_dtypes does, through jax.
-        from safetensors.flax import load_file as load_flax
-
-        return {k: np.asarray(v, np.float32) for k, v in load_flax(path).items()}
 
 
 def write(hf_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
