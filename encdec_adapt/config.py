@@ -139,8 +139,9 @@ PRESETS: Sequence[str] = (
 
 
 def load_preset(name: str) -> GemmaConfig:
-    """Parses `gin/models/{name}.gin` in a private gin scope and returns its `MODEL_CONFIG`."""
-    path = os.path.join(GIN_DIR, "models", f"{name}.gin")
+    """Parses `gin/models/{name}.gin` (or `name` itself, a path ending in .gin) and returns its
+    `MODEL_CONFIG`, leaving the global gin config as it was."""
+    path = name if name.endswith(".gin") else os.path.join(GIN_DIR, "models", f"{name}.gin")
     if not os.path.exists(path):
         raise FileNotFoundError(f"No model preset {name!r}: {path} does not exist")
     with gin.config_scope(None), gin.unlock_config():
@@ -151,3 +152,158 @@ def load_preset(name: str) -> GemmaConfig:
         finally:
             gin.config._CONFIG.clear()
             gin.config._CONFIG.update(saved)
+
+
+# --- Encoder-decoder (T5Gemma) and encoder-only classifier configs. --------------------------
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class EncoderDecoderConfig:
+    """Architecture of a T5Gemma-style encoder-decoder built from two Gemma stacks.
+
+    Attributes:
+      encoder: the encoder stack (bidirectional; its own embedding table).
+      decoder: the decoder stack (causal, cross-attention in every layer; input and output
+        embeddings tied when `decoder.tie_embeddings`).
+      tie_encoder_decoder_embeddings: T5Gemma 2 variant: one embedding table for encoder input,
+        decoder input and decoder output (needs equal vocab_size and embed_dim).
+      merged_attention: T5Gemma 2 variant: the decoder's self-attention also attends to the
+        encoder outputs through the same projections, one softmax over both (needs equal
+        embed_dim); there is no separate cross-attention sub-block.
+    """
+
+    encoder: GemmaConfig = dataclasses.field(default_factory=GemmaConfig)
+    decoder: GemmaConfig = dataclasses.field(default_factory=GemmaConfig)
+    tie_encoder_decoder_embeddings: bool = False
+    merged_attention: bool = False
+
+    def __post_init__(self):
+        for name in ("encoder", "decoder"):
+            if not isinstance(getattr(self, name), GemmaConfig):
+                raise TypeError(
+                    f"EncoderDecoderConfig.{name} must be a GemmaConfig, "
+                    f"got {type(getattr(self, name)).__name__}"
+                )
+        enc, dec = self.encoder, self.decoder
+        problems = []
+        if self.tie_encoder_decoder_embeddings and (
+            (enc.vocab_size, enc.embed_dim) != (dec.vocab_size, dec.embed_dim)
+        ):
+            problems.append(
+                "tie_encoder_decoder_embeddings needs equal (vocab_size, embed_dim), got encoder "
+                f"{(enc.vocab_size, enc.embed_dim)} and decoder {(dec.vocab_size, dec.embed_dim)}"
+            )
+        if self.tie_encoder_decoder_embeddings and not dec.tie_embeddings:
+            problems.append("tie_encoder_decoder_embeddings needs decoder.tie_embeddings")
+        if self.merged_attention and enc.embed_dim != dec.embed_dim:
+            problems.append(
+                f"merged_attention needs equal embed_dim, got encoder {enc.embed_dim} and "
+                f"decoder {dec.embed_dim}"
+            )
+        if problems:
+            raise ValueError("Invalid EncoderDecoderConfig: " + "; ".join(problems))
+
+    @property
+    def balanced(self) -> bool:
+        """True when encoder and decoder have the same architecture (up to dtypes and dropout)."""
+        ignore = ("dtype", "param_dtype", "dropout_rate")
+        enc, dec = self.encoder.to_dict(), self.decoder.to_dict()
+        return all(enc[k] == dec[k] for k in enc if k not in ignore)
+
+    def replace(self, **changes) -> EncoderDecoderConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "decoder": self.decoder.to_dict(),
+            "tie_encoder_decoder_embeddings": self.tie_encoder_decoder_embeddings,
+            "merged_attention": self.merged_attention,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EncoderDecoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"Unknown EncoderDecoderConfig fields: {unknown}")
+        d = dict(d)
+        for name in ("encoder", "decoder"):
+            if isinstance(d.get(name), dict):
+                d[name] = GemmaConfig.from_dict(d[name])
+        return cls(**d)
+
+
+class Pooling(enum.StrEnum):
+    MEAN = "mean"  # mean over non-padding tokens (the best in Gemma Encoder's ablations)
+    FIRST = "first"  # the first non-padding token
+    LAST = "last"  # the last non-padding token (as HF T5GemmaForSequenceClassification)
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """An encoder-only sequence classifier: bidirectional Gemma encoder, pooling, linear head.
+
+    Attributes:
+      encoder: the encoder stack (same layout as an EncoderDecoder's encoder).
+      num_classes: width of the output logits.
+      pooling: how token states become one vector per row ("mean", "first", "last").
+      dropout_rate: dropout on the pooled vector before the head (training only).
+    """
+
+    encoder: GemmaConfig = dataclasses.field(default_factory=GemmaConfig)
+    num_classes: int = 2
+    pooling: Pooling = Pooling.MEAN
+    dropout_rate: float = 0.0
+
+    def __post_init__(self):
+        object.__setattr__(self, "pooling", Pooling(self.pooling))
+        if self.num_classes < 1:
+            raise ValueError(f"Invalid ClassifierConfig: num_classes={self.num_classes} < 1")
+
+    def to_dict(self) -> dict:
+        return {
+            "encoder": self.encoder.to_dict(),
+            "num_classes": self.num_classes,
+            "pooling": str(self.pooling),
+            "dropout_rate": self.dropout_rate,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ClassifierConfig:
+        d = dict(d)
+        if isinstance(d.get("encoder"), dict):
+            d["encoder"] = GemmaConfig.from_dict(d["encoder"])
+        return cls(**d)
+
+
+ENCDEC_PRESETS: Sequence[str] = (
+    "t5gemma_2b_2b",
+    "t5gemma_9b_9b",
+    "t5gemma_9b_2b",
+    "t5gemma_270m_270m",
+    "t5gemma_1b_1b",
+    "t5gemma2_270m_270m",
+    "t5gemma_tiny",
+    "t5gemma_tiny_unbalanced",
+)
+
+
+def add_gin_search_path() -> None:
+    """Lets gin resolve `include 'gin/models/....gin'` from any working directory."""
+    root = os.path.dirname(GIN_DIR)
+    if root not in gin.config._LOCATION_PREFIXES:  # gin has no public query for search paths
+        gin.add_config_file_search_path(root)
+
+
+def load_encdec_preset(name: str) -> EncoderDecoderConfig:
+    """Parses `gin/models/{name}.gin` (including Gemma presets) and returns its MODEL_CONFIG."""
+    add_gin_search_path()
+    cfg = load_preset(name)
+    if not isinstance(cfg, EncoderDecoderConfig):
+        raise ValueError(
+            f"Preset {name!r} defines a {type(cfg).__name__}, not an EncoderDecoderConfig"
+        )
+    return cfg

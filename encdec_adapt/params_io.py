@@ -50,16 +50,24 @@ def unflatten(flat: dict[str, Any]) -> dict:
     return root
 
 
+def _shape(x) -> tuple[int, ...]:
+    # Arrays, jax.ShapeDtypeStruct and Orbax metadata all have .shape; plain scalars do not.
+    return tuple(x.shape) if hasattr(x, "shape") else tuple(np.shape(x))
+
+
 def check_compatible(expected: PyTree, given: PyTree, source: str) -> None:
-    """Raises CheckpointError on the first parameter missing, unknown or of another shape."""
+    """Raises CheckpointError on the first parameter missing, unknown or of another shape.
+
+    Leaves may be arrays or shape-only stand-ins (jax.ShapeDtypeStruct, Orbax metadata).
+    """
     exp, got = flatten(expected), flatten(given)
     for name in exp:
         if name not in got:
             raise CheckpointError(f"{source}: parameter {name!r} is missing")
-        if tuple(np.shape(exp[name])) != tuple(np.shape(got[name])):
+        if _shape(exp[name]) != _shape(got[name]):
             raise CheckpointError(
-                f"{source}: parameter {name!r} has shape {tuple(np.shape(got[name]))}, "
-                f"the model expects {tuple(np.shape(exp[name]))}"
+                f"{source}: parameter {name!r} has shape {_shape(got[name])}, "
+                f"the model expects {_shape(exp[name])}"
             )
     unknown = sorted(set(got) - set(exp))
     if unknown:

@@ -6,6 +6,7 @@ import os
 import hf_fixtures
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 import torch
 import transformers
@@ -102,37 +103,31 @@ def test_bfloat16_checkpoint(tmp_path):
     )
 
 
-def test_gemma_library_tree_with_extra_vocab_rows(tmp_path):
-    """A gemma-library layout built here from the HF tensors by its own reshapes, with 32 extra
+def gemma_library_tree(torch_model, extra_rows: int) -> dict:
+    """The gemma-library layout, built here from the HF tensors by its own reshapes, with extra
     embedding rows as the Kaggle Gemma 2 checkpoints carry (256128 vs 256000)."""
-    hf_dir = str(tmp_path / "hf")
-    torch_model = hf_fixtures.save_gemma(hf_dir, "gemma2", seed=4)
     sd = {k: v.numpy() for k, v in torch_model.state_dict().items()}
     c = torch_model.config
     n, k, h, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
-    extra = np.random.default_rng(0).normal(size=(32, d)).astype(np.float32)
+    extra = np.random.default_rng(0).normal(size=(extra_rows, d)).astype(np.float32)
+
+    def heads(w, m):  # [m * h, d] -> [m, d, h]
+        return w.reshape(m, h, d).transpose(0, 2, 1)
+
     tree = {
         "embedder": {"input_embedding": np.concatenate([sd["model.embed_tokens.weight"], extra])},
         "final_norm": {"scale": sd["model.norm.weight"]},
     }
     for i in range(c.num_hidden_layers):
         p = f"model.layers.{i}."
-        heads = lambda w, m: w.reshape(m, h, d).transpose(0, 2, 1)
+        k_w, v_w = sd[p + "self_attn.k_proj.weight"], sd[p + "self_attn.v_proj.weight"]
         tree[f"layer_{i}"] = {
             "attn": {
                 "q_einsum": {"w": heads(sd[p + "self_attn.q_proj.weight"], n)},
-                "kv_einsum": {
-                    "w": np.stack(
-                        [
-                            heads(sd[p + "self_attn.k_proj.weight"], k),
-                            heads(sd[p + "self_attn.v_proj.weight"], k),
-                        ]
-                    )
-                },
+                "kv_einsum": {"w": np.stack([heads(k_w, k), heads(v_w, k)])},
                 "attn_vec_einsum": {"w": sd[p + "self_attn.o_proj.weight"].T.reshape(n, h, d)},
             },
-            "mlp": {
-                # [2, F, D]: the transposed gating layout.
+            "mlp": {  # [2, F, D]: the transposed gating layout
                 "gating_einsum": {
                     "w": np.stack([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]])
                 },
@@ -143,13 +138,51 @@ def test_gemma_library_tree_with_extra_vocab_rows(tmp_path):
             "pre_ffw_norm": {"scale": sd[p + "pre_feedforward_layernorm.weight"]},
             "post_ffw_norm": {"scale": sd[p + "post_feedforward_layernorm.weight"]},
         }
-    cfg = gemma.config_from_hf(c.to_dict(), "test")
+    return {"transformer": tree}
+
+
+def test_gemma_library_tree_with_extra_vocab_rows(tmp_path):
+    torch_model = hf_fixtures.save_gemma(str(tmp_path / "hf"), "gemma2", seed=4)
+    tree = gemma_library_tree(torch_model, extra_rows=32)
+    cfg = gemma.config_from_hf(torch_model.config.to_dict(), "test")
     with pytest.raises(params_io.CheckpointError, match=r"128 rows.*vocab_size=96"):
-        gemma.from_gemma_library({"transformer": tree}, cfg)
-    params = gemma.from_gemma_library({"transformer": tree}, cfg, vocab_rows="slice")
+        gemma.from_gemma_library(tree, cfg)
+    params = gemma.from_gemma_library(tree, cfg, vocab_rows="slice")
     model = DecoderOnly(cfg, rngs=nnx.Rngs(0))
     params_io.assign(model, params, "gemma tree")
     tokens, mask = hf_fixtures.padded_batch(96, LENGTHS, seed=5)
+    assert_close_on_tokens(
+        our_logits(model, tokens, mask), hf_fixtures.hf_logits(torch_model, tokens, mask), mask
+    )
+
+
+def test_import_gemma_cli_reads_kaggle_orbax_layout(tmp_path, capsys):
+    """Kaggle checkpoints store flat "transformer/layer_0/..." keys in an Orbax PyTree."""
+    torch_model = hf_fixtures.save_gemma(str(tmp_path / "hf"), "gemma2", seed=9)
+    tree = gemma_library_tree(torch_model, extra_rows=32)["transformer"]
+    flat = {}
+    for top, sub in tree.items():
+        for name, leaf in params_io.flatten(sub).items():
+            *mods, param_name = f"transformer/{top}/{name}".split("/")
+            flat.setdefault("/".join(mods), {})[param_name] = leaf
+    kaggle = str(tmp_path / "kaggle")
+    ocp.PyTreeCheckpointer().save(kaggle, flat)
+    cfg = gemma.config_from_hf(torch_model.config.to_dict(), "test")
+    preset = tmp_path / "tiny.gin"
+    lines = ["import encdec_adapt.config"]
+    for key, value in cfg.to_dict().items():
+        value = tuple(value) if isinstance(value, list) else value
+        lines.append(f"tiny/GemmaConfig.{key} = {value!r}")
+    preset.write_text("\n".join([*lines, "MODEL_CONFIG = @tiny/GemmaConfig()", ""]))
+
+    out = str(tmp_path / "ckpt")
+    args = ["import-gemma", "--input", kaggle, "--output", out, "--preset", str(preset)]
+    assert main.main(args) == 1  # 128 embedding rows vs vocab_size 96, and nothing written
+    assert "vocab_rows='exact'" in capsys.readouterr().err and not os.path.exists(out)
+    assert main.main([*args, "--vocab_rows", "slice"]) == 0
+    model = DecoderOnly(cfg, rngs=nnx.Rngs(0))
+    params_io.load_into(model, out)
+    tokens, mask = hf_fixtures.padded_batch(96, LENGTHS, seed=10)
     assert_close_on_tokens(
         our_logits(model, tokens, mask), hf_fixtures.hf_logits(torch_model, tokens, mask), mask
     )

@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from encdec_adapt.convert.hf import export_hf, import_hf
+import jax
+import numpy as np
+from flax import nnx
+
+from encdec_adapt import params_io
+from encdec_adapt.config import load_preset
+from encdec_adapt.convert import gemma
+from encdec_adapt.convert.hf import DECODER_ONLY, abstract_shapes, export_hf, import_hf
 from encdec_adapt.params_io import CheckpointError
+from encdec_adapt.transformer import DecoderOnly
 
 
 def _parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -44,4 +53,38 @@ def export_hf_main(argv: list[str]) -> int:
         print(f"export-hf: error: {e}", file=sys.stderr)
         return 1
     print(f"export-hf: wrote {arch} to {args.output}")
+    return 0
+
+
+def import_gemma_main(argv: list[str]) -> int:
+    p = _parser(
+        "import-gemma",
+        "Convert a gemma-library (Kaggle Flax / Orbax) checkpoint into a params checkpoint. The "
+        "architecture comes from a preset in gin/models/.",
+    )
+    p.add_argument("--preset", required=True, help="e.g. gemma2_2b, gemma3_1b")
+    p.add_argument(
+        "--vocab_rows",
+        choices=["exact", "slice", "pad"],
+        default="exact",
+        help="reconcile embedding rows with the preset's vocab_size: Gemma 2 Kaggle checkpoints "
+        "carry 256128 rows, HF and the presets 256000 ('slice' drops the extra rows)",
+    )
+    args = p.parse_args(argv)
+    try:
+        if os.path.exists(args.output) and not args.overwrite:
+            raise CheckpointError(f"{args.output} already exists (pass --overwrite to replace it)")
+        cfg = load_preset(args.preset)
+        tree = gemma.read_gemma_library(args.input)
+        params = gemma.from_gemma_library(tree, cfg, vocab_rows=args.vocab_rows, source=args.input)
+        shapes = abstract_shapes(lambda: DecoderOnly(cfg, rngs=nnx.Rngs(0)))
+        expected = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()}
+        params_io.check_compatible(
+            params_io.unflatten(expected), params, f"{args.input} (preset {args.preset})"
+        )
+        params_io.save(args.output, params, DECODER_ONLY, cfg.to_dict(), overwrite=args.overwrite)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"import-gemma: error: {e}", file=sys.stderr)
+        return 1
+    print(f"import-gemma: wrote {DECODER_ONLY} checkpoint to {args.output}")
     return 0

@@ -291,6 +291,34 @@ def config_to_hf(cfg: GemmaConfig) -> dict:
 # ---- gemma library (Kaggle Flax / Orbax) trees ---------------------------------------------------
 
 
+def nest_gemma_library(tree: dict) -> dict:
+    """Kaggle checkpoints store flat keys ("transformer/layer_0/attn/q_einsum": {"w": ...});
+    returns the same tree nested at every "/"."""
+    out: dict = {}
+    for key, value in tree.items():
+        node = out
+        *parents, last = str(key).split("/")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = nest_gemma_library(value) if isinstance(value, dict) else value
+    return out
+
+
+def read_gemma_library(path: str) -> dict:
+    """The nested params tree of a gemma-library (Kaggle Flax) Orbax checkpoint directory."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path} does not exist or is not a directory")
+    try:
+        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+    except Exception as e:  # orbax raises many types for a directory it cannot read
+        raise CheckpointError(f"{path} is not a readable Orbax checkpoint: {e}") from e
+    return nest_gemma_library(tree)
+
+
 def from_gemma_library(
     tree: dict, cfg: GemmaConfig, *, vocab_rows: str = "exact", source: str = "gemma tree"
 ) -> dict:
