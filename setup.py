@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "tqdm==4.70.1",
+    # tensorflow-datasets imports it but does not declare it.
+    "importlib_resources==7.1.0",
 ]
 
 TEST_REQUIRES = [
@@ -33,7 +35,7 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["encdec_adapt", "encdec_adapt.*"]),
-    package_data={"encdec_adapt": ["py.typed"]},
+    package_data={"encdec_adapt": ["data/assets/*.model"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},

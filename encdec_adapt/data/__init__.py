@@ -1,0 +1,3 @@
+"""seqio data: corpus, vocabularies, span corruption / PrefixLM / UL2 / contrastive preprocessors,
+feature converters and task registration. Importing a submodule imports TensorFlow; importing this
+package alone does not."""

@@ -1,0 +1,47 @@
+"""Default tasks on the embedded standard-library corpus (built on first use, no download).
+
+Pretraining (source `stdlib_prose`, field `text`, the embedded 4096-id vocabulary):
+  stdlib_span_corruption   T5 span corruption (density 0.15, mean span 3)
+  stdlib_prefix_lm         PrefixLM, random split
+  stdlib_prefix_lm_kd      PrefixLM keeping `full` / `split` for a decoder-only KD teacher
+  stdlib_ul2               UL2 mixture of denoisers (UL2Config, gin-bindable)
+Contrastive (source `stdlib_code_search`): docstring summary line -> function source
+  stdlib_code_search               in-batch negatives only
+  stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
+Mixtures:
+  stdlib_pretraining       span corruption + PrefixLM, equal rates
+"""
+
+from encdec_adapt.data import registry
+
+QUERY_PROMPT = "task: code retrieval | query: "
+DOCUMENT_PROMPT = "title: none | text: "
+
+PRETRAINING = {
+    "stdlib_span_corruption": "span_corruption",
+    "stdlib_prefix_lm": "prefix_lm",
+    "stdlib_prefix_lm_kd": "prefix_lm_full",
+    "stdlib_ul2": "ul2",
+}
+
+
+def register(overwrite: bool = True) -> None:
+    for name, objective in PRETRAINING.items():
+        registry.register_pretraining_task(
+            name, "stdlib_prose", objective=objective, overwrite=overwrite
+        )
+    for name, negatives in (("stdlib_code_search", 0), ("stdlib_code_search_hard_negatives", 3)):
+        registry.register_contrastive_task(
+            name,
+            "stdlib_code_search",
+            num_negatives=negatives,
+            query_prompt=QUERY_PROMPT,
+            document_prompt=DOCUMENT_PROMPT,
+            overwrite=overwrite,
+        )
+    registry.register_mixture(
+        "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
+    )
+
+
+register()
