@@ -11,9 +11,8 @@ import enum
 import os
 from collections.abc import Sequence
 
-import jax.numpy as jnp
-
 import gin
+import jax.numpy as jnp
 
 
 class AttentionType(enum.StrEnum):
@@ -307,3 +306,7 @@ def load_encdec_preset(name: str) -> EncoderDecoderConfig:
             f"Preset {name!r} defines a {type(cfg).__name__}, not an EncoderDecoderConfig"
         )
     return cfg
+
+
+# Presets include each other as 'gin/models/NAME.gin': resolvable from any working directory.
+add_gin_search_path()

@@ -15,7 +15,7 @@ from flax import nnx
 
 from encdec_adapt import params_io
 from encdec_adapt.config import GemmaConfig
-from encdec_adapt.convert import gemma, hf_files
+from encdec_adapt.convert import gemma, hf_files, t5gemma
 from encdec_adapt.params_io import CheckpointError
 from encdec_adapt.transformer import DecoderOnly
 
@@ -47,10 +47,12 @@ def _export_decoder_only(config: dict, params: Any) -> tuple[dict, dict]:
 IMPORTERS: dict[str, Callable[[dict, dict, str], tuple[str, dict, Any]]] = {
     "gemma2": _import_decoder_only,
     "gemma3_text": _import_decoder_only,
+    t5gemma.HF_MODEL_TYPE: t5gemma.import_encoder_decoder,
 }
 # our model_type -> exporter(config dict, params) -> (HF config dict, HF tensors)
 EXPORTERS: dict[str, Callable[[dict, Any], tuple[dict, dict]]] = {
     DECODER_ONLY: _export_decoder_only,
+    t5gemma.ENCODER_DECODER: t5gemma.export_encoder_decoder,
 }
 
 
