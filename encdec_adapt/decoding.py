@@ -282,3 +282,42 @@ def decoder_only_start(
         return logits[:, 0], DecoderOnlyState(cache, state.next_positions + 1)
 
     return step_fn, last, DecoderOnlyState(cache, prompt_lengths.astype(jnp.int32))
+
+
+class EncoderDecoderState(NamedTuple):
+    """Decoding state of an EncoderDecoder: the decoder cache and the cross-attention inputs."""
+
+    cache: Any
+    cross: Any
+
+
+def encoder_decoder_start(
+    model,
+    encoder_tokens: jax.Array,
+    max_decode_len: int,
+    *,
+    encoder_segment_ids: jax.Array | None = None,
+    decoder_start_id: int = 0,
+) -> tuple[StepFn, jax.Array, EncoderDecoderState]:
+    """Encodes once, projects the cross-attention K/V once, and runs the decoder start token.
+
+    Args:
+      model: an `encdec.EncoderDecoder`.
+      encoder_tokens: [B, S] (padding id 0 unless `encoder_segment_ids` say otherwise).
+      max_decode_len: tokens to be generated.
+      decoder_start_id: the first decoder input (t5x / seqio convention: 0, the pad id).
+    Returns:
+      (step_fn, init_logits [B, V], state) for `decode`.
+    """
+    b = encoder_tokens.shape[0]
+    encoded = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
+    cross = model.cross_inputs(encoded)
+    cache = model.init_cache(b, max_decode_len + 1)
+    start = jnp.full((b, 1), decoder_start_id, jnp.int32)
+    logits, cache = model.decode(start, cross, cache=cache)
+
+    def step_fn(tokens, state: EncoderDecoderState):
+        logits, cache = model.decode(tokens[:, None], state.cross, cache=state.cache)
+        return logits[:, 0], EncoderDecoderState(cache, state.cross)
+
+    return step_fn, logits[:, 0], EncoderDecoderState(cache, cross)

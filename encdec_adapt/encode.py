@@ -1,0 +1,145 @@
+"""Text -> embeddings: the `encode` API of a DualEncoder, and an adapter for the MTEB protocol.
+
+Texts are tokenised with a vocabulary (anything with `encode(str) -> list[int]`, e.g. a seqio
+vocabulary), an EOS id is appended (so an empty text still has one token), rows are padded to one
+fixed length and batches to one fixed size, so every call runs the same compiled function and a
+text's embedding does not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from encdec_adapt.dual_encoder import DualEncoder
+
+
+@dataclasses.dataclass
+class EncodeStats:
+    """What `encode` had to change: texts cut to max_length, and empty texts."""
+
+    texts: int = 0
+    truncated: int = 0
+    empty: int = 0
+
+
+class TextEncoder:
+    """Embeds texts with a DualEncoder.
+
+    Args:
+      model: the DualEncoder.
+      vocabulary: has `encode(text) -> list[int]`.
+      max_length: tokens per text after the prompt and EOS; longer texts are cut (and counted).
+      batch_size: rows per compiled call (the last batch is padded).
+      eos_id: appended to every text.
+    """
+
+    def __init__(self, model: DualEncoder, vocabulary, *, max_length=128, batch_size=32, eos_id=1):
+        self.model, self.vocabulary = model, vocabulary
+        self.max_length, self.batch_size, self.eos_id = max_length, batch_size, eos_id
+        self.stats = EncodeStats()
+
+        @nnx.jit(static_argnames=("side",))
+        def embed(model, tokens, side):
+            return model(tokens, side=side, normalize=False)
+
+        self._embed = embed
+
+    def tokenize(self, text: str, prompt: str = "") -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects strings, got {type(text).__name__}: {text!r}")
+        ids = list(self.vocabulary.encode(prompt + text)) if (prompt + text) else []
+        self.stats.texts += 1
+        self.stats.empty += not text.strip()
+        if len(ids) + 1 > self.max_length:
+            self.stats.truncated += 1
+            ids = ids[: self.max_length - 1]
+        return [*ids, self.eos_id]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        prompt: str = "",
+        side: str = "query",
+        normalize: bool = True,
+        truncate_dim: int | None = None,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """[N] texts -> [N, E] float32 embeddings (E = truncate_dim, a Matryoshka prefix, if set).
+
+        Truncation to a prefix happens before normalisation, so prefixes are unit length too.
+        """
+        if isinstance(texts, str):
+            raise TypeError("encode expects a sequence of strings, not one string")
+        dim = self.model.config.embedding_dim
+        if truncate_dim is not None and not 0 < truncate_dim <= dim:
+            raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {dim}]")
+        bs = batch_size or self.batch_size
+        rows = [self.tokenize(t, prompt) for t in texts]
+        out = np.zeros((len(rows), truncate_dim or dim), np.float32)
+        starts = range(0, len(rows), bs)
+        for start in tqdm(starts, desc="encode", disable=not progress, unit="batch"):
+            chunk = rows[start : start + bs]
+            tokens = np.zeros((bs, self.max_length), np.int32)
+            for i, ids in enumerate(chunk):
+                tokens[i, : len(ids)] = ids
+            emb = np.asarray(self._embed(self.model, tokens, side))[: len(chunk)]
+            out[start : start + len(chunk)] = emb[:, : truncate_dim or dim]
+        if normalize:
+            out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out
+
+
+class MTEBEncoder:
+    """The encoder protocol MTEB calls: `encode(sentences, task_name=..., prompt_type=...)`.
+
+    prompt_type "query" uses the query side and `query_prompt`; "document" / "passage" the
+    document side and `document_prompt`; None encodes symmetric tasks (STS, classification) as
+    queries. Prompts per task name override these (`task_prompts`).
+    """
+
+    PROMPT_TYPES = ("query", "document", "passage", None)
+
+    def __init__(
+        self,
+        encoder: TextEncoder,
+        *,
+        query_prompt: str = "",
+        document_prompt: str = "",
+        task_prompts: dict[str, str] | None = None,
+    ):
+        self.encoder = encoder
+        self.query_prompt, self.document_prompt = query_prompt, document_prompt
+        self.task_prompts = dict(task_prompts or {})
+
+    def encode(
+        self,
+        sentences: Sequence[str],
+        *,
+        task_name: str | None = None,
+        prompt_type: Any = None,
+        batch_size: int | None = None,
+        **kwargs,
+    ) -> np.ndarray:
+        # MTEB passes an enum whose value is the string.
+        kind = getattr(prompt_type, "value", prompt_type)
+        if kind not in self.PROMPT_TYPES:
+            raise ValueError(
+                f"MTEBEncoder: unknown prompt_type {prompt_type!r}; known: {self.PROMPT_TYPES}"
+            )
+        is_doc = kind in ("document", "passage")
+        prompt = self.document_prompt if is_doc else self.query_prompt
+        prompt = self.task_prompts.get(task_name, prompt)
+        return self.encoder.encode(
+            list(sentences),
+            prompt=prompt,
+            side="document" if is_doc else "query",
+            batch_size=batch_size,
+        )
