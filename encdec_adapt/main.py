@@ -14,7 +14,17 @@ import sys
 # one-line summary).
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "import-hf": ("encdec_adapt.convert.cli", "import_hf_main", "HF checkpoint dir -> Orbax"),
+    "import-gemma": (
+        "encdec_adapt.convert.cli",
+        "import_gemma_main",
+        "gemma-library (Kaggle Flax) checkpoint -> Orbax",
+    ),
     "export-hf": ("encdec_adapt.convert.cli", "export_hf_main", "Orbax checkpoint -> HF dir"),
+    "adapt": ("encdec_adapt.adapt", "adapt_main", "decoder-only ckpt(s) -> T5Gemma enc-dec"),
+    "tasks": ("encdec_adapt.data.cli", "tasks_main", "list seqio tasks / show examples"),
+    "train": ("encdec_adapt.train", "train_main", "train with gin files (resumes)"),
+    "eval": ("encdec_adapt.train", "eval_main", "evaluate a checkpoint on a seqio task"),
+    "infer": ("encdec_adapt.train", "infer_main", "score a seqio task with a checkpoint"),
 }
 
 
