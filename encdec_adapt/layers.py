@@ -7,6 +7,7 @@ Shape letters used in comments throughout the package:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import jax
@@ -35,10 +36,17 @@ def param(
 
 
 def fan_in_init(in_axes: int | Sequence[int] = -2) -> Initializer:
-    """Truncated-normal variance scaling over the given input axes (as the gemma library)."""
-    return jax.nn.initializers.variance_scaling(
-        1.0, "fan_in", "truncated_normal", in_axis=in_axes, out_axis=()
-    )
+    """Truncated normal with variance 1 / fan_in, fan_in = the product of the `in_axes` sizes
+    (the axes contracted with the input); every other axis is an output axis."""
+    axes = (in_axes,) if isinstance(in_axes, int) else tuple(in_axes)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+        fan_in = math.prod(shape[a] for a in axes)
+        # 0.8796... is the std of a standard normal truncated to [-2, 2].
+        std = fan_in**-0.5 / 0.87962566103423978
+        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+
+    return init
 
 
 def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -67,7 +75,9 @@ class Embedder(nnx.Module):
     """Token embedding scaled by sqrt(D); also projects hidden states back to vocabulary logits."""
 
     def __init__(self, vocab_size: int, embed_dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
-        init = jax.nn.initializers.normal(stddev=1.0)
+        # std 1/sqrt(D): the sqrt(D)-scaled input embeddings have unit variance, and tied
+        # output logits start with unit variance too.
+        init = jax.nn.initializers.normal(stddev=embed_dim**-0.5)
         self.embedding = param(rngs, init, (vocab_size, embed_dim), ("vocab", "embed"), param_dtype)
 
     def encode(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
