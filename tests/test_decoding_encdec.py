@@ -53,3 +53,59 @@ def test_beam_search(model, inputs):
     np.testing.assert_array_equal(one.tokens[:, 0], greedy.tokens)
     four = run(model, inputs, beam(4))
     assert np.all(np.asarray(four.scores[:, 0]) >= np.asarray(greedy.scores) - 1e-5)
+
+
+def test_greedy_and_scores_equal_transformers_t5gemma(tmp_path):
+    import hf_fixtures
+    import torch
+    import transformers
+
+    from encdec_adapt import params_io
+    from encdec_adapt.convert import import_hf
+
+    module = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=12,
+        sliding_window=3, attn_logit_softcapping=2.0, final_logit_softcapping=3.0,
+    )  # fmt: skip
+    hf_cfg = transformers.T5GemmaConfig(encoder=module, decoder=module, attn_implementation="eager")
+    torch.manual_seed(0)
+    torch_model = hf_fixtures.randomize_(
+        transformers.T5GemmaForConditionalGeneration(hf_cfg), seed=1
+    )
+    torch_model.save_pretrained(str(tmp_path / "hf"))
+    import_hf(str(tmp_path / "hf"), str(tmp_path / "ckpt"))
+    _, config = params_io.read_model_json(str(tmp_path / "ckpt"))
+    model = EncoderDecoder(EncoderDecoderConfig.from_dict(config), rngs=nnx.Rngs(0))
+    params_io.load_into(model, str(tmp_path / "ckpt"))
+
+    start = 2  # HF T5Gemma starts decoding from BOS (checked below), not t5x's 0
+    lengths = [9, 4]
+    tokens, _ = hf_fixtures.padded_batch(96, lengths, seed=4)
+    cfg = decoding.DecodeConfig(max_decode_len=MAX_LEN)
+
+    @nnx.jit
+    def ours(model, tokens):
+        step_fn, init_logits, state = decoding.encoder_decoder_start(
+            model, tokens, MAX_LEN, decoder_start_id=start
+        )
+        return decoding.decode(step_fn, init_logits, state, cfg)
+
+    out = ours(model, jnp.asarray(tokens))
+    for b, n in enumerate(lengths):
+        gen = torch_model.generate(
+            torch.from_numpy(tokens[b : b + 1, :n].astype(np.int64)),
+            max_new_tokens=MAX_LEN,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=1,
+            pad_token_id=0,
+        )
+        assert int(gen.sequences[0, 0]) == start
+        theirs = gen.sequences[0, 1:].numpy()
+        np.testing.assert_array_equal(np.asarray(out.tokens[b, : len(theirs)]), theirs)
+        transition = torch_model.compute_transition_scores(
+            gen.sequences, gen.scores, normalize_logits=True
+        )
+        np.testing.assert_allclose(float(out.scores[b]), float(transition.sum()), atol=1e-4)
