@@ -46,6 +46,7 @@ from encdec_adapt.transformer import (
     default_positions,
     init_cache,
     make_attention,
+    write_cache,
 )
 
 #: model_type of encoder-decoder params checkpoints (model.json).
@@ -179,11 +180,7 @@ class DecoderBlock(Block):
         q = self.attn.queries(h, positions)
         kv = self.attn.keys_values(h, positions)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            kv = KV(
-                jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
-                jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start),
-            )
+            kv = write_cache(cache, kv, cache_index)
         joint = KV(
             jnp.concatenate([kv.k, cross_kv.k.astype(kv.k.dtype)], axis=1),
             jnp.concatenate([kv.v, cross_kv.v.astype(kv.v.dtype)], axis=1),
@@ -255,37 +252,15 @@ class DecoderStack(Stack):
     ) -> tuple[jax.Array, DecodeCache | None]:
         """x: [B, T, D] embedded decoder inputs; positions, segment_ids: [B, T]
         -> ([B, T, D] final-norm states, updated cache or None)."""
-        x = sharding.constrain(x, _ACT)
-        if cache is None:
-            masks = self.masks(positions, segment_ids, positions, segment_ids)
-        else:
-            start = (0, cache.index)
-            cache = cache._replace(
-                positions=jax.lax.dynamic_update_slice(cache.positions, positions, start),
-                segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
-            )
-            masks = self.masks(positions, segment_ids, cache.positions, cache.segment_ids)
         # Decoder tokens see the encoder tokens of their own segment (packing), never padding.
         enc_seg = cross.segment_ids
         cross_mask = attention_mask(
             positions, segment_ids, jnp.zeros_like(enc_seg), enc_seg, causal=False
         )
-        new_layers = []
-        for i, block in enumerate(self.blocks):
-            x, layer_cache = block(
-                x,
-                positions,
-                masks[block.attention_type],
-                cross_kv=cross.kv[i],
-                cross_mask=cross_mask,
-                cache=None if cache is None else cache.layers[i],
-                cache_index=None if cache is None else cache.index,
-                rng=None if rng is None else jax.random.fold_in(rng, i),
-            )
-            new_layers.append(layer_cache)
-        if cache is not None:
-            cache = cache._replace(layers=tuple(new_layers), index=cache.index + positions.shape[1])
-        return self.final_norm(x), cache
+        per_layer = [{"cross_kv": kv, "cross_mask": cross_mask} for kv in cross.kv]
+        return super().__call__(
+            x, positions, segment_ids, cache=cache, rng=rng, layer_kwargs=per_layer
+        )
 
 
 class Decoder(nnx.Module):

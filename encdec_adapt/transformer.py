@@ -6,6 +6,7 @@ and embedding towers.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -50,6 +51,15 @@ def make_attention(
     )
 
 
+def write_cache(cache: KV, new: KV, index: jax.Array) -> KV:
+    """Writes T new keys/values [B, T, K, H] into a layer cache [B, L, K, H] at slot `index`."""
+    start = (0, index, 0, 0)
+    return KV(
+        jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), start),
+        jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), start),
+    )
+
+
 class Block(nnx.Module):
     """One Gemma layer: norm -> self-attn -> norm -> residual; norm -> GeGLU -> norm -> residual."""
 
@@ -78,11 +88,7 @@ class Block(nnx.Module):
         q = self.attn.queries(h, positions)
         kv = self.attn.keys_values(h, positions)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            kv = KV(
-                jax.lax.dynamic_update_slice(cache.k, kv.k.astype(cache.k.dtype), start),
-                jax.lax.dynamic_update_slice(cache.v, kv.v.astype(cache.v.dtype), start),
-            )
+            kv = write_cache(cache, kv, cache_index)
         return self.post_attn_norm(self.attn.attend(q, kv, mask)), kv if cache is not None else None
 
     def feed_forward(self, x: jax.Array) -> jax.Array:
@@ -157,9 +163,12 @@ class Stack(nnx.Module):
         *,
         cache: DecodeCache | None = None,
         rng: jax.Array | None = None,
-        **block_kwargs,
+        layer_kwargs: Sequence[dict] | None = None,
     ) -> tuple[jax.Array, DecodeCache | None]:
-        """x: [B, T, D] embedded inputs; positions, segment_ids: [B, T] -> ([B, T, D], cache)."""
+        """x: [B, T, D] embedded inputs; positions, segment_ids: [B, T] -> ([B, T, D], cache).
+
+        layer_kwargs: extra keyword arguments of each block (e.g. its cross-attention inputs).
+        """
         x = sharding.constrain(x, _ACT)
         if cache is None:
             masks = self.masks(positions, segment_ids, positions, segment_ids)
@@ -180,7 +189,7 @@ class Stack(nnx.Module):
                 cache=None if cache is None else cache.layers[i],
                 cache_index=None if cache is None else cache.index,
                 rng=layer_rng,
-                **block_kwargs,
+                **(layer_kwargs[i] if layer_kwargs else {}),
             )
             new_layers.append(layer_cache)
         if cache is not None:
