@@ -1,17 +1,58 @@
-"""encdec_adapt: adapt decoder-only Gemma models into encoder-decoders and embedding towers."""
+"""encdec_adapt: adapt decoder-only Gemma models into encoder-decoders and embedding towers.
 
-from encdec_adapt.config import AttentionType, GemmaConfig, load_preset
+The names here need neither TensorFlow nor torch; the data pipeline lives in
+`encdec_adapt.data` / `encdec_adapt.tasks` (seqio, TensorFlow) and conversions in
+`encdec_adapt.convert`.
+"""
+
+from encdec_adapt.adapt import CROSS_ATTENTION, WarmStart, freeze, trainable_mask, warm_start
+from encdec_adapt.classifier import Classifier
+from encdec_adapt.config import (
+    AttentionType,
+    ClassifierConfig,
+    EncoderDecoderConfig,
+    GemmaConfig,
+    load_encdec_preset,
+    load_preset,
+)
+from encdec_adapt.contrastive import ContrastiveConfig, contrastive_loss, sharded_contrastive_loss
+from encdec_adapt.decoding import DecodeConfig, Decoded, decode
+from encdec_adapt.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
+from encdec_adapt.encdec import Encoder, EncoderDecoder
+from encdec_adapt.encode import MTEBEncoder, TextEncoder
 from encdec_adapt.sharding import MeshRules, create_sharded, use_mesh
 from encdec_adapt.transformer import DecodeCache, DecoderOnly, init_cache
 
 __all__ = [
+    "CROSS_ATTENTION",
     "AttentionType",
+    "Classifier",
+    "ClassifierConfig",
+    "ContrastiveConfig",
     "DecodeCache",
+    "DecodeConfig",
+    "Decoded",
     "DecoderOnly",
+    "DualEncoder",
+    "DualEncoderConfig",
+    "Encoder",
+    "EncoderDecoder",
+    "EncoderDecoderConfig",
     "GemmaConfig",
+    "MTEBEncoder",
     "MeshRules",
+    "TextEncoder",
+    "WarmStart",
+    "contrastive_loss",
     "create_sharded",
+    "decode",
+    "freeze",
     "init_cache",
+    "load_encdec_preset",
     "load_preset",
+    "sharded_contrastive_loss",
+    "trainable_mask",
     "use_mesh",
+    "warm_start",
+    "warm_start_dual_encoder",
 ]
