@@ -16,12 +16,11 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import gin
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-
-import gin
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

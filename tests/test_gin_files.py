@@ -1,0 +1,130 @@
+"""Every gin file under gin/ parses, run files build their configs, and bad gin fails early
+with the file and line (or the binding) named."""
+
+import glob
+import os
+import sys
+
+import gin
+import pytest
+
+from encdec_adapt import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+GIN_FILES = sorted(glob.glob(os.path.join(REPO, "gin", "**", "*.gin"), recursive=True))
+MODEL_FILE = os.path.join(REPO, "gin", "models", "gemma_tiny.gin")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_seqio_task
+
+
+@pytest.fixture(autouse=True)
+def clean_gin():
+    gin.clear_config()
+    gin.add_config_file_search_path(REPO)
+    yield
+    gin.clear_config()
+
+
+def test_there_are_run_files():
+    runs = [f for f in GIN_FILES if "/gin/runs/" in f]
+    expected = {"pretrain.gin", "finetune.gin", "eval.gin", "infer.gin", "synthetic.gin"}
+    expected |= {"adapt_prefixlm.gin", "adapt_ul2.gin"}
+    assert expected <= {os.path.basename(f) for f in runs}
+
+
+# Run files that need an encoder-decoder model file (and the bindings they leave required
+# that the configs built below need).
+ENCDEC_FILE = os.path.join(REPO, "gin", "models", "t5gemma_tiny.gin")
+RUN_MODEL = {
+    "adapt_prefixlm.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
+    "adapt_ul2.gin": (ENCDEC_FILE, []),
+}
+
+
+@pytest.mark.parametrize("path", GIN_FILES, ids=lambda p: os.path.relpath(p, REPO))
+def test_gin_file_parses(path):
+    """Model files parse alone; every other file parses on top of a model file."""
+    model_file, bindings = RUN_MODEL.get(os.path.basename(path), (MODEL_FILE, []))
+    files = [path] if "/gin/models/" in path else [model_file, path]
+    # not finalized: run files leave MODEL_DIR, TRAIN_TASK, ... to the command line
+    gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
+    # configurables that need no data are built, so their values are type-checked too
+    for entry in ("train", "evaluate", "infer"):
+        for name in ("model", "optimizer", "checkpoint", "mesh_rules"):
+            try:
+                ref = gin.query_parameter(f"{entry}.{name}")
+            except ValueError:
+                continue
+            assert ref.scoped_configurable_fn() is not None
+
+
+def _run(capsys, *argv):
+    code = train.run_command("train", list(argv))
+    return code, capsys.readouterr().err
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "bad.gin"
+    path.write_text(text)
+    return str(path)
+
+
+def test_unknown_binding_names_file_and_line(tmp_path, capsys):
+    bad = _write(tmp_path, "include 'gin/runs/synthetic.gin'\n\nOptimizerConfig.lr = 0.1\n")
+    code, err = _run(capsys, f"--gin_file={MODEL_FILE}", f"--gin_file={bad}")
+    assert code == 2
+    assert "doesn't have a parameter named 'lr'" in err
+    assert f'In file "{bad}", line 3' in err
+
+
+def test_missing_required_value(tmp_path, capsys):
+    code, err = _run(capsys, f"--gin_file={MODEL_FILE}", "--gin_file=gin/runs/synthetic.gin")
+    assert code == 2
+    assert "MODEL_DIR/macro.value set to `%gin.REQUIRED` but not subsequently overridden" in err
+    assert not os.path.exists(tmp_path / "run")
+
+
+def test_wrong_type_in_file_names_file_and_line(tmp_path, capsys):
+    bad = _write(tmp_path, "include 'gin/runs/synthetic.gin'\nOptimizerConfig.warmup_steps = 'x'\n")
+    code, err = _run(
+        capsys, f"--gin_file={MODEL_FILE}", f"--gin_file={bad}", f"--gin.MODEL_DIR={tmp_path}/run"
+    )
+    assert code == 2
+    assert "warmup_steps='x' is not an int" in err
+    assert f"set at {bad}:2: OptimizerConfig.warmup_steps = 'x'" in err
+    assert not os.path.exists(tmp_path / "run")  # failed before anything was written
+
+
+def test_wrong_type_on_command_line(tmp_path, capsys):
+    code, err = _run(
+        capsys,
+        f"--gin_file={MODEL_FILE}",
+        "--gin_file=gin/runs/synthetic.gin",
+        f"--gin.MODEL_DIR={tmp_path}/run",
+        "--gin.DecoderOnlyModel.label_smoothing=2",
+    )
+    assert code == 2
+    assert "DecoderOnlyModel.label_smoothing=2 must be a number in [0.0, 1.0)" in err
+    assert "set at --gin:" in err
+
+
+def test_unknown_task_suggests_names(tmp_path, capsys):
+    import tiny_seqio_task
+
+    code, err = _run(
+        capsys,
+        f"--gin_file={MODEL_FILE}",
+        "--gin_file=gin/runs/pretrain.gin",
+        f"--gin.MODEL_DIR={tmp_path}/run",
+        f"--gin.TRAIN_TASK={tiny_seqio_task.TASK[:-1]}",
+    )
+    assert code == 2
+    assert f"Unknown seqio task or mixture '{tiny_seqio_task.TASK[:-1]}'" in err
+    assert f"Did you mean: {tiny_seqio_task.TASK}" in err
+
+
+def test_gin_value_quotes_bare_strings():
+    assert train.gin_value("/tmp/x") == "'/tmp/x'"
+    assert train.gin_value("'/tmp/x'") == "'/tmp/x'"
+    assert train.gin_value("1e-3") == "1e-3"
+    assert train.gin_value("@DecoderOnlyModel()") == "@DecoderOnlyModel()"
+    assert train.gin_value("(1, -1, 1)") == "(1, -1, 1)"

@@ -1,0 +1,231 @@
+"""The sharded train step: learning, sharded == unsharded, gradient accumulation, determinism."""
+
+import jax
+import numpy as np
+import pytest
+
+from encdec_adapt import input_pipeline, models, optim, sharding, trainer
+from encdec_adapt.config import load_preset
+
+VOCAB, LENGTH, BATCH = 128, 16, 8
+
+
+# Smaller than gemma_tiny so that each compile takes seconds on 2 shared cores.
+CONFIG = load_preset("gemma_tiny").replace(
+    vocab_size=VOCAB,
+    num_layers=2,
+    sliding_window=8,
+    embed_dim=32,
+    hidden_dim=64,
+    num_heads=2,
+    num_kv_heads=1,
+)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return models.DecoderOnlyModel(config=CONFIG)
+
+
+def _trainer(model, mesh_shape=(2, 2, 2), devices=None, **opt):
+    rules = sharding.MeshRules(mesh_shape=mesh_shape)
+    opt = optim.OptimizerConfig(**{"learning_rate": 3e-2, **opt})
+    return trainer.Trainer(model, opt, rules.make_mesh(devices), rules, seed=0)
+
+
+@pytest.fixture(scope="module")
+def adam8(model):
+    """AdamW on a (data 2, fsdp 2, tensor 2) mesh of 8 CPU devices."""
+    return _trainer(model)
+
+
+def _batches(n, seed=0, vocab=VOCAB):
+    data = input_pipeline.SyntheticLM(BATCH, LENGTH, vocab, seed=seed)
+    return [next(data) for _ in range(n)]
+
+
+def _run(t, batches):
+    state = t.init_state()
+    losses = []
+    for b in batches:
+        state, m = t.train_step(state, t.shard_batch(b))
+        losses.append(float(m["loss_sum"] / m["weight"]))
+    return state, losses
+
+
+def test_loss_decreases_on_a_learnable_task(adam8):
+    # tokens 2..9 of 128 (and every row repeats itself): the unigram part alone is learnable
+    # within a few steps, from ~ln(128) to ~ln(8)
+    _, losses = _run(adam8, _batches(30, vocab=10))
+    assert np.isfinite(losses).all()
+    assert losses[0] > 4.0, losses
+    assert np.mean(losses[-5:]) < 0.55 * losses[0], losses
+
+
+def test_state_is_sharded_by_logical_axes(adam8):
+    t = adam8
+    state = t.init_state()
+    q = state.params["stack"]["blocks"][0]["attn"]["q"]
+    assert q.sharding.spec == t.state_shardings.params["stack"]["blocks"][0]["attn"]["q"].spec
+    assert not q.sharding.is_fully_replicated
+    # Adam moments live where their parameter lives
+    mu = state.opt_state[0].mu["stack"]["blocks"][0]["attn"]["q"]
+    assert mu.sharding == q.sharding
+
+
+def test_sharded_step_equals_single_device_step(model, adam8):
+    batches = _batches(3)
+    sharded, l8 = _run(adam8, batches)
+    single, l1 = _run(_trainer(model, (1, 1, 1), devices=jax.devices()[:1]), batches)
+    np.testing.assert_allclose(l8, l1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
+
+
+def test_gradient_accumulation_equals_full_batch(model, adam8):
+    batches = _batches(2)
+    full, lf = _run(adam8, batches)
+    accum, la = _run(_trainer(model, grad_accum_steps=4), batches)
+    np.testing.assert_allclose(lf, la, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_same_seed_same_bits_and_dropout_changes_with_step():
+    model = models.DecoderOnlyModel(config=CONFIG.replace(dropout_rate=0.3))
+    t = _trainer(model)
+    batch = _batches(1)[0]
+    runs = [_run(t, [batch, batch])[0] for _ in range(2)]
+    for a, b in zip(jax.tree.leaves(runs[0].params), jax.tree.leaves(runs[1].params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Same parameters and batch at steps 0 and 1: the dropout key is folded with the step,
+    # so the masks, and hence the losses, differ.
+    b = t.shard_batch(batch)
+    _, m0 = t.train_step(t.init_state(), b)
+    at_step_1 = t.init_state()._replace(step=jax.numpy.asarray(1, jax.numpy.int32))
+    _, m1 = t.train_step(jax.device_put(at_step_1, t.state_shardings), b)
+    assert float(m0["loss_sum"]) != float(m1["loss_sum"])
+
+
+def test_eval_and_score(adam8):
+    t = adam8
+    state = t.init_state()
+    batch = t.shard_batch(_batches(1)[0])
+    sums = t.eval_step(state.params, batch)
+    scores = np.asarray(t.score_fn()(state.params, batch))
+    assert scores.shape == (BATCH,)
+    # the per-example log-likelihoods add up to minus the summed token loss
+    np.testing.assert_allclose(scores.sum(), -float(sums["loss_sum"]), rtol=1e-4)
+    assert float(sums["weight"]) == BATCH * LENGTH
+
+
+# ---- encoder-decoder and distillation ---------------------------------------------------------
+
+
+def _encdec_config():
+    from encdec_adapt.config import EncoderDecoderConfig
+
+    return EncoderDecoderConfig(encoder=CONFIG, decoder=CONFIG)
+
+
+def _encdec_batch(seed=0, s=12, t=8):
+    """Targets copy the inputs, over 8 of the 128 tokens (learnable in a few steps)."""
+    rng = np.random.default_rng(seed)
+    inputs = rng.integers(2, 10, (BATCH, s)).astype(np.int32)
+    inputs[:, s - 3 :] = 0  # padding at the end of every row
+    inputs[0, 4:] = 0
+    targets = inputs[:, :t].copy()  # copy task
+    targets[targets == 0] = 1
+    dec_in = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], axis=1)
+    return {
+        "encoder_input_tokens": inputs,
+        "decoder_input_tokens": dec_in,
+        "decoder_target_tokens": targets,
+        "decoder_loss_weights": np.ones_like(targets),
+    }
+
+
+def test_encoder_decoder_model_learns():
+    model = models.EncoderDecoderModel(config=_encdec_config())
+    t = _trainer(model)
+    state = t.init_state()
+    losses = []
+    for i in range(12):
+        state, m = t.train_step(state, t.shard_batch(_encdec_batch(i)))
+        losses.append(float(m["loss_sum"] / m["weight"]))
+    assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2]), losses
+
+
+def test_teacher_target_logits_alignment():
+    inputs = np.array([[5, 6, 7, 0], [9, 0, 0, 0], [0, 0, 0, 0]], np.int32)
+    targets = np.array([[11, 12, 1], [13, 1, 0], [14, 15, 1]], np.int32)
+    seen = []
+
+    def one_hot_of_token(tokens):  # logits at p = one-hot of the token at p
+        seen.append(np.asarray(tokens))
+        return jax.nn.one_hot(tokens, 16)
+
+    out = np.asarray(models.teacher_target_logits(one_hot_of_token, inputs, targets)).argmax(-1)
+    np.testing.assert_array_equal(seen[0][:2], [[5, 6, 7, 11, 12, 1, 0], [9, 13, 1, 0, 0, 0, 0]])
+    # target t is predicted at the position of the token before it: last input, then targets
+    np.testing.assert_array_equal(out[0], [7, 11, 12])
+    np.testing.assert_array_equal(out[1], [9, 13, 1])
+    # no inputs: targets 1.. are predicted from the targets before them (target 0 has no context)
+    np.testing.assert_array_equal(out[2][1:], [14, 15])
+
+
+def test_distillation_trains_student_and_freezes_teacher():
+    model = models.DistillationModel(
+        student=models.EncoderDecoderModel(config=_encdec_config()),
+        teacher=models.DecoderOnlyModel(config=CONFIG),
+        kd_weight=0.5,
+    )
+    t = _trainer(model)
+    state = t.init_state()
+    teacher0 = jax.tree.map(np.asarray, state.params["teacher"])
+    student0 = jax.tree.map(np.asarray, state.params["student"])
+    kd = []
+    for i in range(4):
+        state, m = t.train_step(state, t.shard_batch(_encdec_batch(i)))
+        kd.append(float(m["kd_sum"]) / float(m["weight"]))
+    assert np.isfinite(kd).all() and kd[0] > 0
+    for a, b in zip(jax.tree.leaves(teacher0), jax.tree.leaves(state.params["teacher"])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    moved = [
+        not np.array_equal(a, np.asarray(b))
+        for a, b in zip(jax.tree.leaves(student0), jax.tree.leaves(state.params["student"]))
+    ]
+    assert all(moved)
+
+
+@pytest.mark.parametrize("policy", ["full", pytest.param("dots", marks=pytest.mark.slow)])
+def test_remat_changes_memory_not_numbers(policy):
+    from flax import nnx
+
+    batch = {k: jax.numpy.asarray(v) for k, v in _batches(1)[0].items()}
+
+    def loss_and_grads(model):
+        module = model.build(nnx.Rngs(0))
+        graphdef, params = nnx.split(module, nnx.Param)
+
+        def loss(p):
+            return model.loss_fn(nnx.merge(graphdef, p), batch, None)[0]
+
+        fn = jax.jit(jax.value_and_grad(loss))
+        return fn(params), str(jax.make_jaxpr(jax.grad(loss))(params))
+
+    (l0, g0), jaxpr0 = loss_and_grads(models.DecoderOnlyModel(config=CONFIG))
+    (l1, g1), jaxpr1 = loss_and_grads(models.DecoderOnlyModel(config=CONFIG, remat=policy))
+    assert "remat" not in jaxpr0 and "remat" in jaxpr1
+    np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_bf16_compute_keeps_fp32_params_and_moments():
+    model = models.DecoderOnlyModel(config=CONFIG.replace(dtype="bfloat16"))
+    state, losses = _run(_trainer(model), _batches(2))
+    assert np.isfinite(losses).all()
+    dtypes = {x.dtype for x in jax.tree.leaves(state.params)}
+    dtypes |= {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim}
+    assert dtypes == {np.dtype("float32")}
