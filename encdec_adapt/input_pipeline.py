@@ -164,6 +164,15 @@ class DataConfig:
         return seqio.EncDecFeatureConverter(pack=self.pack)
 
 
+def vocabularies(task: str) -> dict:
+    """The seqio vocabulary of each output feature of a task or mixture ({"inputs": ..., ...})."""
+    import seqio
+
+    check_task_name(task)
+    features = seqio.get_mixture_or_task(task).output_features
+    return {name: feature.vocabulary for name, feature in features.items()}
+
+
 class SeqioIterator:
     """Batches of a seqio task through a feature converter; position = batches consumed."""
 

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from encdec_adapt import losses
+from encdec_adapt import decoding, losses
 from encdec_adapt.config import GemmaConfig
 from encdec_adapt.transformer import DecoderOnly
 
@@ -112,6 +112,18 @@ class BaseModel(abc.ABC):
         weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
         tl = losses.cross_entropy(logits, batch["decoder_target_tokens"], weights)
         return {"loss_sum": tl.loss, "weight": tl.weight, "correct": tl.correct}
+
+    def predict_batch(
+        self,
+        module: nnx.Module,
+        batch: Batch,
+        decode_cfg: decoding.DecodeConfig,
+        rng: jax.Array | None = None,
+    ) -> decoding.Decoded:
+        """Generated target tokens [B, L] (or [B, beams, L]) and their scores."""
+        raise NotImplementedError(
+            f"{type(self).__name__} has no predict_batch; score with infer.mode='score'"
+        )
 
     def score_batch(self, module: nnx.Module, batch: Batch) -> jax.Array:
         """[B] sum of target-token log-likelihoods (weighted by the loss weights)."""
@@ -247,12 +259,15 @@ class EncoderDecoderModel(BaseModel):
     Attributes:
       config: an EncoderDecoderConfig (%MODEL_CONFIG of a gin/models/t5gemma_*.gin file).
       z_loss, label_smoothing, remat: as DecoderOnlyModel.
+      decoder_start_id: first decoder input when generating: 0 for models trained here (seqio
+        shifts targets right with 0), 2 (BOS) for released HF T5Gemma checkpoints.
     """
 
     config: Any = None
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     remat: str = "none"
+    decoder_start_id: int = 0
 
     model_type = "encoder_decoder"
     features = (
@@ -292,6 +307,17 @@ class EncoderDecoderModel(BaseModel):
             decoder_positions=batch.get("decoder_positions"),
             rng=rng,
         )
+
+    def predict_batch(self, module, batch, decode_cfg, rng=None) -> decoding.Decoded:
+        """Decodes from `encoder_input_tokens` (cross-attention K/V projected once, KV cache)."""
+        step_fn, init_logits, state = decoding.encoder_decoder_start(
+            module,
+            batch["encoder_input_tokens"],
+            decode_cfg.max_decode_len,
+            encoder_segment_ids=batch.get("encoder_segment_ids"),
+            decoder_start_id=self.decoder_start_id,
+        )
+        return decoding.decode(step_fn, init_logits, state, decode_cfg, rng)
 
     def flops_per_token(self, lengths: dict[str, int]) -> float:
         """Training FLOPs per *target* token: the encoder's work is spread over the targets."""

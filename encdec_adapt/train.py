@@ -21,7 +21,7 @@ import gin
 import jax
 import numpy as np
 
-from encdec_adapt import checkpoints, input_pipeline, optim, params_io, sharding
+from encdec_adapt import checkpoints, decoding, input_pipeline, optim, params_io, sharding
 from encdec_adapt.metrics_log import MetricsLogger
 from encdec_adapt.models import BaseModel, summarize
 from encdec_adapt.trainer import Trainer
@@ -300,15 +300,29 @@ def infer(
     params_from: str | None = None,
     mesh_rules: sharding.MeshRules = sharding.MeshRules(),  # noqa: B008 - frozen
     num_batches: int | None = None,
+    mode: str = "score",
+    decode: decoding.DecodeConfig = decoding.DecodeConfig(),  # noqa: B008 - frozen
+    seed: int = 0,
 ) -> int:
-    """Scores every example of `infer_data`: writes one JSON line per example with its target
-    log-likelihood and target token count to `output_file`; returns the number of examples."""
+    """Scores or decodes every example of `infer_data`, one JSON line per example in
+    `output_file`; returns the number of examples.
+
+    mode "score": {"index", "log_likelihood", "tokens"} of the given targets.
+    mode "predict": {"index", "inputs", "prediction", "prediction_ids", "score"} (texts decoded
+    with the task's vocabularies; with beam search, the best beam).
+    """
     import json
 
     _require("infer", model_dir=model_dir, params_from=params_from, output_file=output_file)
+    if mode not in ("score", "predict"):
+        raise ValueError(f"infer.mode={mode!r}: choose 'score' or 'predict'")
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)
-    score = trainer.score_fn()
+    if mode == "score":
+        score = trainer.score_fn()
+    else:
+        predict = trainer.predict_fn(decode)
+        vocabs = input_pipeline.vocabularies(infer_data.task)
     count = 0
     lines = []
     for i, local in enumerate(input_pipeline.make_iterator(infer_data)):
@@ -316,13 +330,47 @@ def infer(
             break
         batch = trainer.shard_batch(local)
         with sharding.use_mesh(trainer.mesh, trainer.rules):
-            scores = _to_host(score(params, batch))
-        weights = _to_host(batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0))
-        for s, w in zip(scores, np.sum(weights, axis=-1)):
-            lines.append(json.dumps({"index": count, "log_likelihood": float(s), "tokens": int(w)}))
+            if mode == "score":
+                scores = _to_host(score(params, batch))
+            else:
+                out = predict(params, batch, jax.random.fold_in(jax.random.key(seed), i))
+                tokens, scores = _to_host(out.tokens), _to_host(out.scores)
+        if mode == "score":
+            weights = _to_host(
+                batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
+            )
+            for s, w in zip(scores, np.sum(weights, axis=-1)):
+                record = {"index": count, "log_likelihood": float(s), "tokens": int(w)}
+                lines.append(json.dumps(record))
+                count += 1
+            continue
+        if tokens.ndim == 3:  # beams, best first
+            tokens, scores = tokens[:, 0], scores[:, 0]
+        inputs = _to_host(batch["encoder_input_tokens"])
+        for row_in, row_out, s in zip(inputs, tokens, scores):
+            ids = _until_eos(row_out, decode.eos_id)
+            record = {
+                "index": count,
+                "inputs": vocabs["inputs"].decode(_until_eos(row_in, decode.eos_id)),
+                "prediction": vocabs["targets"].decode(ids),
+                "prediction_ids": ids,
+                "score": float(s),
+            }
+            lines.append(json.dumps(record))
             count += 1
     _write_text(output_file, "\n".join(lines) + "\n")
     return count
+
+
+def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
+    """Token ids before the first EOS, padding (0) removed."""
+    out = []
+    for t in ids.tolist():
+        if t == eos_id:
+            break
+        if t != 0:
+            out.append(t)
+    return out
 
 
 def _to_host(x: jax.Array) -> np.ndarray:

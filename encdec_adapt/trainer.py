@@ -255,6 +255,10 @@ class Trainer:
         with sharding.use_mesh(self.mesh, self.rules):
             return self._eval_step(params, batch)
 
+    def predict_fn(self, decode_cfg) -> Callable:
+        """jitted (params, batch, rng) -> decoding.Decoded (fixed shapes: one compile)."""
+        return jax.jit(lambda p, b, r: self.model.predict_batch(self.module(p), b, decode_cfg, r))
+
     def score_fn(self) -> Callable:
         """jitted (params, batch) -> [B] log-likelihood of the targets."""
         return jax.jit(lambda p, b: self.model.score_batch(self.module(p), b))

@@ -37,6 +37,7 @@ ENCDEC_FILE = os.path.join(REPO, "gin", "models", "t5gemma_tiny.gin")
 RUN_MODEL = {
     "adapt_prefixlm.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "adapt_ul2.gin": (ENCDEC_FILE, []),
+    "predict.gin": (ENCDEC_FILE, []),
 }
 
 
