@@ -46,6 +46,8 @@ from encdec_adapt.transformer import (
     default_positions,
     init_cache,
     make_attention,
+    make_lm_head,
+    output_logits,
     write_cache,
 )
 
@@ -274,26 +276,11 @@ class Decoder(nnx.Module):
                 dec.vocab_size, dec.embed_dim, param_dtype=dec.weight_dtype, rngs=rngs
             )
         self.stack = DecoderStack(cfg, rngs=rngs)
-        if not dec.tie_embeddings:
-            self.lm_head = layers.param(
-                rngs,
-                layers.fan_in_init(-1),
-                (dec.vocab_size, dec.embed_dim),
-                ("vocab", "embed"),
-                dec.weight_dtype,
-            )
+        self.lm_head = None if dec.tie_embeddings else make_lm_head(dec, rngs)
 
     def logits(self, hidden: jax.Array, embedder: layers.Embedder) -> jax.Array:
         """[B, T, D] -> [B, T, V] (float32 when soft-capped)."""
-        if self.config.tie_embeddings:
-            logits = embedder.decode(hidden)
-        else:
-            logits = jnp.einsum("btd,vd->btv", hidden, self.lm_head[...].astype(hidden.dtype))
-        logits = sharding.constrain(
-            logits, ("activation_batch", "activation_length", "activation_vocab")
-        )
-        cap = self.config.final_logit_soft_cap
-        return logits if cap is None else jnp.tanh(logits.astype(jnp.float32) / cap) * cap
+        return output_logits(hidden, self.config, embedder, self.lm_head)
 
 
 class EncoderDecoder(nnx.Module):

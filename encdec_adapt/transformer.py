@@ -197,6 +197,33 @@ class Stack(nnx.Module):
         return self.final_norm(x), cache
 
 
+def make_lm_head(cfg: GemmaConfig, rngs: nnx.Rngs) -> nnx.Param:
+    """An untied output projection [V, D] (Gemma checkpoints tie it to the input embedding)."""
+    return layers.param(
+        rngs,
+        layers.fan_in_init(-1),
+        (cfg.vocab_size, cfg.embed_dim),
+        ("vocab", "embed"),
+        cfg.weight_dtype,
+    )
+
+
+def output_logits(
+    hidden: jax.Array, cfg: GemmaConfig, embedder: layers.Embedder, lm_head: nnx.Param | None
+) -> jax.Array:
+    """[B, T, D] final hidden states -> [B, T, V] logits through the tied embedding or
+    `lm_head`, then the final soft-cap (float32 when soft-capped)."""
+    if lm_head is None:
+        logits = embedder.decode(hidden)
+    else:
+        logits = jnp.einsum("btd,vd->btv", hidden, lm_head[...].astype(hidden.dtype))
+    logits = sharding.constrain(
+        logits, ("activation_batch", "activation_length", "activation_vocab")
+    )
+    cap = cfg.final_logit_soft_cap
+    return logits if cap is None else jnp.tanh(logits.astype(jnp.float32) / cap) * cap
+
+
 class DecoderOnly(nnx.Module):
     """A Gemma causal language model: embed -> causal stack -> tied logits (-> soft-cap).
 
@@ -210,26 +237,11 @@ class DecoderOnly(nnx.Module):
             cfg.vocab_size, cfg.embed_dim, param_dtype=cfg.weight_dtype, rngs=rngs
         )
         self.stack = Stack(cfg, causal=True, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.lm_head = layers.param(
-                rngs,
-                layers.fan_in_init(-1),
-                (cfg.vocab_size, cfg.embed_dim),
-                ("vocab", "embed"),
-                cfg.weight_dtype,
-            )
+        self.lm_head = None if cfg.tie_embeddings else make_lm_head(cfg, rngs)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] final hidden states -> [B, T, V] logits (float32 when soft-capped)."""
-        if self.config.tie_embeddings:
-            logits = self.embedder.decode(hidden)
-        else:
-            logits = jnp.einsum("btd,vd->btv", hidden, self.lm_head[...].astype(hidden.dtype))
-        logits = sharding.constrain(
-            logits, ("activation_batch", "activation_length", "activation_vocab")
-        )
-        cap = self.config.final_logit_soft_cap
-        return logits if cap is None else jnp.tanh(logits.astype(jnp.float32) / cap) * cap
+        return output_logits(hidden, self.config, self.embedder, self.lm_head)
 
     def __call__(
         self,

@@ -13,5 +13,23 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     ).strip()
 
 import jax
+import pytest
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="session")
+def embedded_corpus(tmp_path_factory):
+    """Builds the embedded stdlib corpus once per session into a fresh directory (about ten
+    seconds) and registers the default tasks; the user's cache is never touched."""
+    from encdec_adapt.data import corpus
+
+    old = os.environ.get(corpus.DATA_DIR_ENV)
+    os.environ[corpus.DATA_DIR_ENV] = str(tmp_path_factory.mktemp("tfds"))
+    import encdec_adapt.tasks  # noqa: F401  (registers the default tasks)
+
+    yield os.environ[corpus.DATA_DIR_ENV]
+    if old is None:
+        os.environ.pop(corpus.DATA_DIR_ENV)
+    else:
+        os.environ[corpus.DATA_DIR_ENV] = old

@@ -1,7 +1,6 @@
 """`infer` in predict mode: decoded predictions of a seqio task, written as JSON lines."""
 
 import json
-import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,7 +9,6 @@ from flax import nnx
 
 from encdec_adapt import decoding, input_pipeline, params_io, sharding
 from encdec_adapt.config import EncoderDecoderConfig, load_preset
-from encdec_adapt.data import corpus
 from encdec_adapt.encdec import EncoderDecoder
 from encdec_adapt.models import EncoderDecoderModel
 from encdec_adapt.train import infer
@@ -19,17 +17,7 @@ TINY = load_preset("gemma_tiny").replace(num_layers=2)
 LENGTHS = {"inputs": 64, "targets": 16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def embedded_data_dir(tmp_path_factory):
-    old = os.environ.get(corpus.DATA_DIR_ENV)
-    os.environ[corpus.DATA_DIR_ENV] = str(tmp_path_factory.mktemp("tfds"))
-    import encdec_adapt.tasks  # noqa: F401  (registers the default tasks)
-
-    yield
-    if old is None:
-        os.environ.pop(corpus.DATA_DIR_ENV)
-    else:
-        os.environ[corpus.DATA_DIR_ENV] = old
+pytestmark = pytest.mark.usefixtures("embedded_corpus")
 
 
 def data_cfg():

@@ -26,34 +26,36 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
     return p
 
 
+def _convert(command: str, description: str, convert, argv: list[str]) -> int:
+    """Parses --input/--output/--overwrite, runs `convert`, reports one line; exit 0 or 1."""
+    args = _parser(command, description).parse_args(argv)
+    try:
+        what = convert(args.input, args.output, overwrite=args.overwrite)
+    except CheckpointError as e:
+        print(f"{command}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"{command}: wrote {what} to {args.output}")
+    return 0
+
+
 def import_hf_main(argv: list[str]) -> int:
-    args = _parser(
+    return _convert(
         "import-hf",
         "Convert an HF Gemma2/Gemma3 causal-LM (or T5Gemma) directory, config.json plus "
         "safetensors, into a params checkpoint (Orbax + model.json).",
-    ).parse_args(argv)
-    try:
-        model_type = import_hf(args.input, args.output, overwrite=args.overwrite)
-    except CheckpointError as e:
-        print(f"import-hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"import-hf: wrote {model_type} checkpoint to {args.output}")
-    return 0
+        import_hf,
+        argv,
+    )
 
 
 def export_hf_main(argv: list[str]) -> int:
-    args = _parser(
+    return _convert(
         "export-hf",
         "Write a params checkpoint as an HF directory (config.json + model.safetensors) that "
         "transformers loads with from_pretrained.",
-    ).parse_args(argv)
-    try:
-        arch = export_hf(args.input, args.output, overwrite=args.overwrite)
-    except CheckpointError as e:
-        print(f"export-hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"export-hf: wrote {arch} to {args.output}")
-    return 0
+        export_hf,
+        argv,
+    )
 
 
 def import_gemma_main(argv: list[str]) -> int:

@@ -18,18 +18,7 @@ from encdec_adapt.data import feature_converters as fc
 LENGTHS = {"inputs": 128, "targets": 32}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def embedded_data_dir(tmp_path_factory):
-    """Builds the embedded corpus once into a fresh directory (about ten seconds)."""
-    old = os.environ.get(corpus.DATA_DIR_ENV)
-    os.environ[corpus.DATA_DIR_ENV] = str(tmp_path_factory.mktemp("tfds"))
-    import encdec_adapt.tasks  # noqa: F401  (registers the default tasks)
-
-    yield
-    if old is None:
-        os.environ.pop(corpus.DATA_DIR_ENV)
-    else:
-        os.environ[corpus.DATA_DIR_ENV] = old
+pytestmark = pytest.mark.usefixtures("embedded_corpus")
 
 
 def read(name, split):
