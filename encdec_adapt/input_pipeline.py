@@ -109,6 +109,9 @@ class DataConfig:
         "encdec_kd" (encdec_adapt.data's EncDecConverter(teacher=True), unpacked: adds the
         decoder-only teacher's features for PrefixLM + KD tasks such as stdlib_prefix_lm_kd).
       pack: pack several examples per row (segment ids / positions features).
+      length_policy: what happens to a feature longer than its length: "truncate" or "drop"
+        the example; either way it is counted (`encdec_adapt.data.counters.COUNTERS`), never
+        silent ("prefix_lm" uses seqio's converter, which truncates uncounted).
       shuffle: shuffle examples (seeded).
       seed: shuffle seed.
       repeat: loop over the data forever (training) or yield one epoch (evaluation).
@@ -121,6 +124,7 @@ class DataConfig:
     split: str = "train"
     feature_converter: str = "decoder"
     pack: bool = False
+    length_policy: str = "truncate"
     shuffle: bool = True
     seed: int = 0
     repeat: bool = True
@@ -142,6 +146,8 @@ class DataConfig:
                 f"feature_converter={self.feature_converter!r} (expected one of "
                 f"{FEATURE_CONVERTERS})"
             )
+        if self.length_policy not in ("truncate", "drop"):
+            problems.append(f"length_policy={self.length_policy!r} (expected 'truncate' or 'drop')")
         lengths = self.task_feature_lengths
         if not isinstance(lengths, dict) or not all(
             isinstance(v, int) and v > 0 for v in lengths.values()
@@ -153,15 +159,15 @@ class DataConfig:
     def converter(self):
         import seqio
 
+        from encdec_adapt.data import feature_converters as fc
+
         if self.feature_converter == "decoder":
-            return seqio.DecoderFeatureConverter(pack=self.pack)
+            return fc.DecoderOnlyConverter(pack=self.pack, length_policy=self.length_policy)
         if self.feature_converter == "prefix_lm":
             return seqio.PrefixLMFeatureConverter(pack=self.pack)
         if self.feature_converter == "encdec_kd":
-            from encdec_adapt.data.feature_converters import EncDecConverter
-
-            return EncDecConverter(pack=False, teacher=True)
-        return seqio.EncDecFeatureConverter(pack=self.pack)
+            return fc.EncDecConverter(pack=False, teacher=True, length_policy=self.length_policy)
+        return fc.EncDecConverter(pack=self.pack, length_policy=self.length_policy)
 
 
 def vocabularies(task: str) -> dict:
@@ -197,7 +203,7 @@ class SeqioIterator:
             seed=cfg.seed,
             verbose=False,
             # the project's converters count and cut over-long features themselves
-            trim_output_features=cfg.feature_converter != "encdec_kd",
+            trim_output_features=cfg.feature_converter == "prefix_lm",
         )
         # Every process batches the same global stream and keeps its rows, so the rows (and
         # hence the losses) do not depend on the number of processes.

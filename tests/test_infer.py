@@ -79,3 +79,45 @@ def test_unknown_mode_and_decoding_option(tmp_path):
         )
     with pytest.raises(ValueError, match=r"method='nucleus'"):
         decoding.DecodeConfig(method="nucleus")
+
+
+def test_training_inputs_count_what_they_cut():
+    """The trainer's input pipeline uses the counted converters: over-long examples are cut
+    (or dropped) and counted, never trimmed silently."""
+    import seqio
+    import tiny_seqio_task
+
+    from encdec_adapt.data.counters import COUNTERS
+
+    # tiny_seqio_task trims in its own preprocessor (seqio's append_eos_after_trim); this
+    # variant leaves the lengths to the converter.
+    task = "tiny_synthetic_lm_untrimmed"
+    if task not in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.add(
+            task,
+            source=seqio.get_mixture_or_task(tiny_seqio_task.TASK).source,
+            output_features=seqio.get_mixture_or_task(tiny_seqio_task.TASK).output_features,
+            preprocessors=[seqio.preprocessors.append_eos],
+        )
+
+    def run(policy):
+        COUNTERS.reset()
+        cfg = input_pipeline.DataConfig(
+            task=task,  # documents of 5 to 30 tokens
+            split="validation",
+            batch_size=4,
+            task_feature_lengths={"targets": 12},
+            feature_converter="decoder",
+            length_policy=policy,
+            shuffle=False,
+            repeat=False,
+        )
+        rows = sum(len(b["decoder_target_tokens"]) for b in input_pipeline.make_iterator(cfg))
+        return rows, COUNTERS.result()
+
+    rows, counts = run("truncate")
+    assert rows == 64 and counts["truncated/targets"] > 0
+    kept, counts = run("drop")
+    assert counts["dropped/targets"] > 0 and kept == 64 - counts["dropped/targets"]
+    with pytest.raises(ValueError, match=r"length_policy='cut'"):
+        input_pipeline.DataConfig(task="x", length_policy="cut")
