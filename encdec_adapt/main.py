@@ -23,8 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "adapt": ("encdec_adapt.adapt", "adapt_main", "decoder-only ckpt(s) -> T5Gemma enc-dec"),
     "tasks": ("encdec_adapt.data.cli", "tasks_main", "list seqio tasks / show examples"),
     "train": ("encdec_adapt.train", "train_main", "train with gin files (resumes)"),
-    "eval": ("encdec_adapt.train", "eval_main", "evaluate a checkpoint on a seqio task"),
-    "infer": ("encdec_adapt.train", "infer_main", "score a seqio task with a checkpoint"),
+    "eval": ("encdec_adapt.train", "eval_main", "evaluate a checkpoint (loss, task metrics)"),
+    "infer": ("encdec_adapt.train", "infer_main", "score / decode a seqio task or JSONL file"),
 }
 
 

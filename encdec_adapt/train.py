@@ -1,4 +1,5 @@
-"""Gin entry points `train`, `evaluate` and `infer`, and the `encdec-adapt train|eval|infer` CLI.
+"""Gin entry point `train`, and the `encdec-adapt train|eval|infer` CLI (`evaluate` and `infer`
+live in infer.py).
 
     encdec-adapt train --gin_file=gin/models/gemma_tiny.gin --gin_file=gin/runs/pretrain.gin \
         --gin.MODEL_DIR=/tmp/run --gin.TRAIN_STEPS=1000
@@ -21,7 +22,7 @@ import gin
 import jax
 import numpy as np
 
-from encdec_adapt import checkpoints, decoding, input_pipeline, optim, params_io, sharding
+from encdec_adapt import checkpoints, evaluation, input_pipeline, optim, sharding
 from encdec_adapt.metrics_log import MetricsLogger
 from encdec_adapt.models import BaseModel, summarize
 from encdec_adapt.trainer import Trainer
@@ -67,21 +68,6 @@ def _write_text(path: str, text: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             f.write(text)
-
-
-def _evaluate(trainer: Trainer, params, data_cfg, num_batches: int | None) -> dict[str, float]:
-    """Summed metrics over `num_batches` batches of `data_cfg` (or one pass when None)."""
-    it = input_pipeline.make_iterator(data_cfg)
-    totals: dict[str, float] = {}
-    for i, local in enumerate(it):
-        if num_batches is not None and i >= num_batches:
-            break
-        sums = jax.device_get(trainer.eval_step(params, trainer.shard_batch(local)))
-        for k, v in sums.items():
-            totals[k] = totals.get(k, 0.0) + float(v)
-    if not totals:
-        raise ValueError(f"evaluation data {data_cfg} yielded no batches")
-    return summarize(totals)
 
 
 def _tokens(local_batch: dict) -> int:
@@ -212,7 +198,9 @@ def train(
                 sums, tokens, steps_logged, t_log = {}, 0, 0, time.perf_counter()
             if eval_data is not None and eval_every and step % eval_every == 0:
                 logger.write(
-                    step, _evaluate(trainer, state.params, eval_data, eval_batches), "eval"
+                    step,
+                    evaluation.loss_metrics(trainer, state.params, eval_data, eval_batches),
+                    "eval",
                 )
             if (saving or stopping) and ckpt.save(step, state, data.get_state(), force=True):
                 last_good = step
@@ -251,140 +239,14 @@ def _flops_per_token(model: BaseModel, data_cfg) -> float | None:
         return None
 
 
-def _restore_params(trainer: Trainer, model_dir: str | None, params_from: str | None):
-    """Parameters from a params checkpoint, or the newest training checkpoint of model_dir."""
-    target = trainer.abstract_state().params
-    if params_from:
-        return params_io.load(params_from, target)
-    if not model_dir:
-        raise ValueError("give a model_dir with training checkpoints or params_from")
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
-    try:
-        return ckpt.restore_params(target)
-    finally:
-        ckpt.close()
-
-
-@gin.configurable
-def evaluate(
-    *,
-    model: BaseModel = gin.REQUIRED,
-    eval_data=gin.REQUIRED,
-    model_dir: str | None = None,
-    params_from: str | None = None,
-    mesh_rules: sharding.MeshRules = sharding.MeshRules(),  # noqa: B008 - frozen
-    eval_batches: int | None = None,
-) -> dict[str, float]:
-    """Loss / accuracy of the newest checkpoint of `model_dir` (or of `params_from`) on
-    `eval_data`; printed and appended to MODEL_DIR/metrics.jsonl as split "eval"."""
-    _require("evaluate", model_dir=model_dir, params_from=params_from)
-    trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
-    params = _restore_params(trainer, model_dir, params_from)
-    result = _evaluate(trainer, params, eval_data, eval_batches)
-    if model_dir:
-        logger = MetricsLogger(model_dir, 0, tensorboard=False)
-        logger.write(0, result, "eval")
-        logger.close()
-    if jax.process_index() == 0:
-        print(" | ".join(f"{k} {v:.6g}" for k, v in result.items()), flush=True)
-    return result
-
-
-@gin.configurable
-def infer(
-    *,
-    model: BaseModel = gin.REQUIRED,
-    infer_data=gin.REQUIRED,
-    output_file: str = gin.REQUIRED,
-    model_dir: str | None = None,
-    params_from: str | None = None,
-    mesh_rules: sharding.MeshRules = sharding.MeshRules(),  # noqa: B008 - frozen
-    num_batches: int | None = None,
-    mode: str = "score",
-    decode: decoding.DecodeConfig = decoding.DecodeConfig(),  # noqa: B008 - frozen
-    seed: int = 0,
-) -> int:
-    """Scores or decodes every example of `infer_data`, one JSON line per example in
-    `output_file`; returns the number of examples.
-
-    mode "score": {"index", "log_likelihood", "tokens"} of the given targets.
-    mode "predict": {"index", "inputs", "prediction", "prediction_ids", "score"} (texts decoded
-    with the task's vocabularies; with beam search, the best beam).
-    """
-    import json
-
-    _require("infer", model_dir=model_dir, params_from=params_from, output_file=output_file)
-    if mode not in ("score", "predict"):
-        raise ValueError(f"infer.mode={mode!r}: choose 'score' or 'predict'")
-    trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
-    params = _restore_params(trainer, model_dir, params_from)
-    if mode == "score":
-        score = trainer.score_fn()
-    else:
-        predict = trainer.predict_fn(decode)
-        vocabs = input_pipeline.vocabularies(infer_data.task)
-    count = 0
-    lines = []
-    for i, local in enumerate(input_pipeline.make_iterator(infer_data)):
-        if num_batches is not None and i >= num_batches:
-            break
-        batch = trainer.shard_batch(local)
-        with sharding.use_mesh(trainer.mesh, trainer.rules):
-            if mode == "score":
-                scores = _to_host(score(params, batch))
-            else:
-                out = predict(params, batch, jax.random.fold_in(jax.random.key(seed), i))
-                tokens, scores = _to_host(out.tokens), _to_host(out.scores)
-        if mode == "score":
-            weights = _to_host(
-                batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
-            )
-            for s, w in zip(scores, np.sum(weights, axis=-1)):
-                record = {"index": count, "log_likelihood": float(s), "tokens": int(w)}
-                lines.append(json.dumps(record))
-                count += 1
-            continue
-        if tokens.ndim == 3:  # beams, best first
-            tokens, scores = tokens[:, 0], scores[:, 0]
-        inputs = _to_host(batch["encoder_input_tokens"])
-        for row_in, row_out, s in zip(inputs, tokens, scores):
-            ids = _until_eos(row_out, decode.eos_id)
-            record = {
-                "index": count,
-                "inputs": vocabs["inputs"].decode(_until_eos(row_in, decode.eos_id)),
-                "prediction": vocabs["targets"].decode(ids),
-                "prediction_ids": ids,
-                "score": float(s),
-            }
-            lines.append(json.dumps(record))
-            count += 1
-    _write_text(output_file, "\n".join(lines) + "\n")
-    return count
-
-
-def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
-    """Token ids before the first EOS, padding (0) removed."""
-    out = []
-    for t in ids.tolist():
-        if t == eos_id:
-            break
-        if t != 0:
-            out.append(t)
-    return out
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a global array on every process."""
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 # ---------------------------------------------------------------------------------------- CLI
 
-ENTRY_POINTS = {"train": "train", "eval": "evaluate", "infer": "infer"}
+# command -> (module, gin entry point)
+ENTRY_POINTS = {
+    "train": ("encdec_adapt.train", "train"),
+    "eval": ("encdec_adapt.infer", "evaluate"),
+    "infer": ("encdec_adapt.infer", "infer"),
+}
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -409,7 +271,7 @@ def parse_flags(argv: list[str], command: str):
 
     parser = argparse.ArgumentParser(
         prog=f"encdec-adapt {command}",
-        description=f"Runs the gin entry point `{ENTRY_POINTS[command]}`. Bindings are "
+        description=f"Runs the gin entry point `{ENTRY_POINTS[command][1]}`. Bindings are "
         "given as --gin.KEY=VALUE (repeatable), e.g. --gin.MODEL_DIR=/tmp/run "
         "--gin.train.num_steps=100.",
     )
@@ -483,7 +345,10 @@ def run_command(command: str, argv: list[str]) -> int:
     )
     for path in [REPO_ROOT, os.getcwd(), *args.gin_search_path]:
         gin.add_config_file_search_path(path)
-    entry = globals()[ENTRY_POINTS[command]]
+    import importlib
+
+    module, name = ENTRY_POINTS[command]
+    entry = getattr(importlib.import_module(module), name)
     try:
         gin.parse_config_files_and_bindings(args.gin_file, bindings)
     except Exception as e:  # gin's parse errors carry the file and line in their message

@@ -11,7 +11,7 @@ from encdec_adapt import decoding, input_pipeline, params_io, sharding
 from encdec_adapt.config import EncoderDecoderConfig, load_preset
 from encdec_adapt.encdec import EncoderDecoder
 from encdec_adapt.models import EncoderDecoderModel
-from encdec_adapt.train import infer
+from encdec_adapt.infer import infer
 
 TINY = load_preset("gemma_tiny").replace(num_layers=2)
 LENGTHS = {"inputs": 64, "targets": 16}
