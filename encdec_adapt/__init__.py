@@ -18,6 +18,7 @@ from encdec_adapt.config import (
 from encdec_adapt.contrastive import ContrastiveConfig, contrastive_loss, sharded_contrastive_loss
 from encdec_adapt.decoding import DecodeConfig, Decoded, decode
 from encdec_adapt.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
+from encdec_adapt.embedding_models import ClassifierModel, DualEncoderModel
 from encdec_adapt.encdec import Encoder, EncoderDecoder
 from encdec_adapt.encode import MTEBEncoder, TextEncoder
 from encdec_adapt.sharding import MeshRules, create_sharded, use_mesh
@@ -28,6 +29,7 @@ __all__ = [
     "AttentionType",
     "Classifier",
     "ClassifierConfig",
+    "ClassifierModel",
     "ContrastiveConfig",
     "DecodeCache",
     "DecodeConfig",
@@ -35,6 +37,7 @@ __all__ = [
     "DecoderOnly",
     "DualEncoder",
     "DualEncoderConfig",
+    "DualEncoderModel",
     "Encoder",
     "EncoderDecoder",
     "EncoderDecoderConfig",

@@ -88,14 +88,46 @@ class Classifier(nnx.Module):
         return self.head(layers.dropout(x, self.config.dropout_rate, head_rng))
 
 
-def warm_start_classifier(cfg: ClassifierConfig, encoder_params: PyTree, *, seed: int = 0) -> dict:
+def encoder_source(source: PyTree, source_type: str | None = None) -> dict:
+    """The {embedder, stack} tree of a Gemma encoder inside a params checkpoint's tree.
+
+    source_type (model.json): "decoder_only" (the stack is reused; attention becomes
+    bidirectional because the target is an encoder; `lm_head`, if any, is dropped),
+    "encoder_decoder" or "classifier" (their `encoder`), or None to tell from the keys.
+    """
+    if source_type in ("encoder_decoder", "classifier") or (
+        source_type is None and "encoder" in source
+    ):
+        source = source["encoder"]
+    missing = {"embedder", "stack"} - set(source)
+    if missing:
+        raise params_io.CheckpointError(
+            f"a {source_type or 'params'} checkpoint without {sorted(missing)} cannot initialise "
+            f"an encoder (its top-level keys: {sorted(source)})"
+        )
+    return {"embedder": source["embedder"], "stack": source["stack"]}
+
+
+def warm_start_classifier(
+    cfg: ClassifierConfig,
+    encoder_params: PyTree,
+    *,
+    seed: int = 0,
+    source_type: str | None = None,
+    fresh: PyTree | None = None,
+) -> dict:
     """Classifier params: the encoder copied from `encoder_params`, a fresh head.
 
-    `encoder_params` is the `encoder` subtree of an EncoderDecoder tree, or a decoder-only tree
-    (its `lm_head`, if any, is dropped); names and shapes are checked against `cfg.encoder`.
+    `encoder_params` is an EncoderDecoder tree (or its `encoder` subtree), or a decoder-only tree
+    (its `lm_head`, if any, is dropped); see `encoder_source`. Names and shapes are checked
+    against `cfg.encoder`. `fresh`: initialised parameters whose head is kept (default: a new
+    head from `seed`).
     """
-    encoder = {"embedder": encoder_params["embedder"], "stack": encoder_params["stack"]}
+    encoder = encoder_source(encoder_params, source_type)
     target = params_io.model_params(nnx.eval_shape(lambda: Encoder(cfg.encoder, rngs=nnx.Rngs(0))))
     params_io.check_compatible(target, encoder, "classifier encoder source")
-    head = params_io.model_params(ClassifierHead(cfg, rngs=nnx.Rngs(seed)))
+    if fresh is None:
+        head = params_io.model_params(ClassifierHead(cfg, rngs=nnx.Rngs(seed)))
+    else:
+        head = fresh["head"]
     return {"encoder": encoder, "head": head}

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from encdec_adapt import layers, params_io
-from encdec_adapt.classifier import pool
+from encdec_adapt.classifier import encoder_source, pool
 from encdec_adapt.config import GemmaConfig, Pooling
 from encdec_adapt.encdec import Encoder
 
@@ -207,15 +207,25 @@ class DualEncoder(nnx.Module):
         return x
 
 
-def warm_start_dual_encoder(cfg: DualEncoderConfig, source: PyTree, *, seed: int = 0) -> dict:
+def warm_start_dual_encoder(
+    cfg: DualEncoderConfig,
+    source: PyTree,
+    *,
+    seed: int = 0,
+    source_type: str | None = None,
+    fresh: PyTree | None = None,
+) -> dict:
     """DualEncoder params with every tower copied from `source`, the rest freshly initialised.
 
     `source` is a decoder-only params tree (attention becomes bidirectional simply because the
-    towers are encoders; `lm_head`, if any, is dropped) or the `encoder` subtree of an adapted
-    encoder-decoder. Names and shapes are checked against `cfg.tower`.
+    towers are encoders; `lm_head`, if any, is dropped) or an adapted encoder-decoder's tree (or
+    its `encoder` subtree); see `encoder_source`. Names and shapes are checked against
+    `cfg.tower`. `fresh`: the initialised parameters to keep for projections, pooler and
+    temperature (default: a new DualEncoder from `seed`).
     """
-    encoder = {"embedder": source["embedder"], "stack": source["stack"]}
-    fresh = params_io.model_params(DualEncoder(cfg, rngs=nnx.Rngs(seed)))
+    encoder = encoder_source(source, source_type)
+    if fresh is None:
+        fresh = params_io.model_params(DualEncoder(cfg, rngs=nnx.Rngs(seed)))
     params_io.check_compatible(fresh["query_tower"], encoder, "dual-encoder tower source")
     out = dict(fresh)
     out["query_tower"] = encoder

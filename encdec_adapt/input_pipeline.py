@@ -21,7 +21,14 @@ import jax
 import numpy as np
 
 Batch = dict[str, np.ndarray]
-FEATURE_CONVERTERS = ("decoder", "prefix_lm", "encdec", "encdec_kd")
+FEATURE_CONVERTERS = (
+    "decoder",
+    "prefix_lm",
+    "encdec",
+    "encdec_kd",
+    "dual_encoder",
+    "classification",
+)
 
 
 class UnknownTaskError(ValueError):
@@ -107,7 +114,10 @@ class DataConfig:
       feature_converter: "decoder" (seqio DecoderFeatureConverter), "prefix_lm"
         (PrefixLMFeatureConverter: inputs + targets in one decoder sequence), "encdec", or
         "encdec_kd" (encdec_adapt.data's EncDecConverter(teacher=True), unpacked: adds the
-        decoder-only teacher's features for PrefixLM + KD tasks such as stdlib_prefix_lm_kd).
+        decoder-only teacher's features for PrefixLM + KD tasks such as stdlib_prefix_lm_kd),
+        "dual_encoder" (query_tokens, positive_tokens[, negative_tokens]; lengths {"query",
+        "positive"}), or "classification" (encoder_input_tokens [B, L], labels [B]; lengths
+        {"inputs"}).
       pack: pack several examples per row (segment ids / positions features).
       length_policy: what happens to a feature longer than its length: "truncate" or "drop"
         the example; either way it is counted (`encdec_adapt.data.counters.COUNTERS`), never
@@ -116,6 +126,9 @@ class DataConfig:
       seed: shuffle seed.
       repeat: loop over the data forever (training) or yield one epoch (evaluation).
       use_cached: read seqio's offline cache.
+      one_task_per_batch: with a mixture, every batch comes from one of its tasks, chosen by the
+        mixture rates with an RNG seeded by (seed, batch index) (the Gemini Embedding recipe:
+        in-batch negatives from the same task). Needs repeat=True.
     """
 
     task: str = ""
@@ -129,6 +142,7 @@ class DataConfig:
     seed: int = 0
     repeat: bool = True
     use_cached: bool = False
+    one_task_per_batch: bool = False
 
     def __post_init__(self):
         if self.task is gin.REQUIRED:
@@ -153,6 +167,8 @@ class DataConfig:
             isinstance(v, int) and v > 0 for v in lengths.values()
         ):
             problems.append(f"task_feature_lengths={lengths!r} must map feature -> int > 0")
+        if self.one_task_per_batch and not self.repeat:
+            problems.append("one_task_per_batch=True needs repeat=True (tasks run out unevenly)")
         if problems:
             raise ValueError("Invalid DataConfig: " + "; ".join(problems))
 
@@ -165,6 +181,10 @@ class DataConfig:
             return fc.DecoderOnlyConverter(pack=self.pack, length_policy=self.length_policy)
         if self.feature_converter == "prefix_lm":
             return seqio.PrefixLMFeatureConverter(pack=self.pack)
+        if self.feature_converter == "dual_encoder":
+            return fc.DualEncoderConverter(length_policy=self.length_policy)
+        if self.feature_converter == "classification":
+            return fc.ClassificationConverter(length_policy=self.length_policy)
         if self.feature_converter == "encdec_kd":
             return fc.EncDecConverter(pack=False, teacher=True, length_policy=self.length_policy)
         return fc.EncDecConverter(pack=self.pack, length_policy=self.length_policy)
@@ -180,43 +200,71 @@ def vocabularies(task: str) -> dict:
 
 
 class SeqioIterator:
-    """Batches of a seqio task through a feature converter; position = batches consumed."""
+    """Batches of a seqio task through a feature converter; position = batches consumed.
+
+    With `one_task_per_batch`, batch i comes from the mixture task chosen by `task_of(i)` (a pure
+    function of seed and i); each task has its own seeded pipeline, and a restored position
+    skips in each task the batches that task gave before it.
+    """
 
     def __init__(self, cfg: DataConfig):
         check_task_name(cfg.task)
         self.cfg = cfg
         self.index = 0
         self._it = None
+        self._task_its = None
+        if cfg.one_task_per_batch:
+            self.task_names, self.task_probs = _mixture_rates(cfg.task)
 
-    def _build(self):
+    def _dataset(self, name: str, seed: int):
         import seqio
 
         cfg = self.cfg
-        ds = seqio.get_dataset(
-            cfg.task,
-            task_feature_lengths=dict(cfg.task_feature_lengths),
-            feature_converter=cfg.converter(),
-            dataset_split=cfg.split,
+        lengths = dict(cfg.task_feature_lengths)
+        ds = seqio.get_mixture_or_task(name).get_dataset(
+            lengths,
+            split=cfg.split,
             use_cached=cfg.use_cached,
             shuffle=cfg.shuffle,
+            seed=seed,
             num_epochs=None if cfg.repeat else 1,
-            seed=cfg.seed,
-            verbose=False,
             # the project's converters count and cut over-long features themselves
             trim_output_features=cfg.feature_converter == "prefix_lm",
         )
+        ds = cfg.converter()(ds, task_feature_lengths=lengths)
         # Every process batches the same global stream and keeps its rows, so the rows (and
         # hence the losses) do not depend on the number of processes.
-        ds = ds.batch(cfg.batch_size, drop_remainder=cfg.repeat)
-        return ds.skip(self.index).as_numpy_iterator()
+        return ds.batch(cfg.batch_size, drop_remainder=cfg.repeat)
+
+    def _build(self):
+        return self._dataset(self.cfg.task, self.cfg.seed).skip(self.index).as_numpy_iterator()
+
+    def task_of(self, index: int) -> int:
+        """Which mixture task gives batch `index` (one_task_per_batch)."""
+        rng = np.random.default_rng([self.cfg.seed, 0x7A5C, index])
+        return int(rng.choice(len(self.task_probs), p=self.task_probs))
+
+    def _build_per_task(self):
+        done = np.zeros(len(self.task_names), np.int64)
+        for i in range(self.index):
+            done[self.task_of(i)] += 1
+        return [
+            self._dataset(name, self.cfg.seed + k).skip(int(done[k])).as_numpy_iterator()
+            for k, name in enumerate(self.task_names)
+        ]
 
     def __iter__(self) -> Iterator[Batch]:
         return self
 
     def __next__(self) -> Batch:
-        if self._it is None:
-            self._it = self._build()
-        batch = next(self._it)
+        if self.cfg.one_task_per_batch:
+            if self._task_its is None:
+                self._task_its = self._build_per_task()
+            batch = next(self._task_its[self.task_of(self.index)])
+        else:
+            if self._it is None:
+                self._it = self._build()
+            batch = next(self._it)
         self.index += 1
         rows = _local_rows(self.cfg.batch_size)
         return {k: np.asarray(v)[rows].astype(np.int32) for k, v in batch.items()}
@@ -227,6 +275,23 @@ class SeqioIterator:
     def set_state(self, state: dict) -> None:
         self.index = int(state["index"])
         self._it = None
+        self._task_its = None
+
+
+def _mixture_rates(name: str) -> tuple[list[str], np.ndarray]:
+    """(task names, sampling probabilities) of a mixture; a task name is an error."""
+    import seqio
+
+    provider = seqio.get_mixture_or_task(name)
+    if not isinstance(provider, seqio.Mixture):
+        raise ValueError(
+            f"Invalid DataConfig: one_task_per_batch=True needs a mixture; {name!r} is a task"
+        )
+    tasks = provider.tasks
+    rates = np.asarray([float(provider.get_rate(t)) for t in tasks])
+    if not np.all(rates >= 0) or rates.sum() <= 0:
+        raise ValueError(f"mixture {name!r} has rates {rates.tolist()}: need >= 0, not all 0")
+    return [t.name for t in tasks], rates / rates.sum()
 
 
 @gin.configurable
@@ -249,4 +314,8 @@ def make_iterator(cfg: DataConfig | SyntheticConfig):
         return SyntheticLM(cfg.batch_size, cfg.length, cfg.vocab_size, cfg.seed)
     if isinstance(cfg, DataConfig):
         return SeqioIterator(cfg)
-    raise TypeError(f"expected a DataConfig or SyntheticConfig, got {cfg!r}")
+    from encdec_adapt.jsonl_inputs import JsonlInputs, JsonlIterator  # raw texts for `infer`
+
+    if isinstance(cfg, JsonlInputs):
+        return JsonlIterator(cfg)
+    raise TypeError(f"expected a DataConfig, SyntheticConfig or JsonlInputs, got {cfg!r}")

@@ -65,6 +65,34 @@ class BaseModel(abc.ABC):
         """Training FLOPs (forward + backward) per target token, for MFU."""
         raise NotImplementedError
 
+    def loss_weight(self, batch: Batch) -> jax.Array:
+        """float32 scalar the trainer divides the summed loss of a global batch by (also across
+        micro-batches): the sum of the decoder loss weights (target tokens) by default."""
+        weights = batch.get("decoder_loss_weights")
+        if weights is None:
+            weights = batch["decoder_target_tokens"] > 0
+        return jnp.sum(weights.astype(jnp.float32))
+
+    def count_tokens(self, batch: dict[str, Any]) -> int:
+        """Tokens of one host batch (numpy), for the tokens/s log: the target tokens by default."""
+        weights = batch.get("decoder_loss_weights")
+        if weights is None:
+            weights = batch["decoder_target_tokens"] > 0
+        return int(weights.sum())
+
+    def warm_start_params(self, source: Any, source_type: str, fresh: Any) -> Any | None:
+        """This model's parameters initialised from a params checkpoint of another model type.
+
+        Args:
+          source: the checkpoint's nested parameter dict (host arrays).
+          source_type: its model.json model_type ("decoder_only", "encoder_decoder", ...).
+          fresh: this model's freshly initialised parameters (for what the source lacks).
+        Returns:
+          a parameter tree like `fresh`, or None: the checkpoint is read as this model's own
+          layout (names and shapes checked, the clear error on a mismatch).
+        """
+        return None
+
     def token_loss(
         self, module: nnx.Module, batch: Batch, rng: jax.Array | None
     ) -> tuple[losses.TokenLoss, jax.Array]:

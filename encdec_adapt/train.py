@@ -70,9 +70,9 @@ def _write_text(path: str, text: str) -> None:
             f.write(text)
 
 
-def _tokens(local_batch: dict) -> int:
-    w = local_batch.get("decoder_loss_weights", local_batch["decoder_target_tokens"] > 0)
-    return int(np.sum(w)) * jax.process_count()
+def _tokens(model: BaseModel, local_batch: dict) -> int:
+    """Tokens of the global batch (the model says what counts: target tokens, texts' tokens)."""
+    return model.count_tokens(local_batch) * jax.process_count()
 
 
 @gin.configurable(denylist=["stop_after"])
@@ -152,7 +152,7 @@ def train(
     with _Preemption() as preemption:
         while step < num_steps:
             local = next(data)
-            tokens += _tokens(local)
+            tokens += _tokens(model, local)
             state, metrics = trainer.train_step(state, trainer.shard_batch(local))
             step += 1
             steps_logged += 1

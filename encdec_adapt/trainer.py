@@ -12,6 +12,7 @@ updates parameters and optimizer state in place.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -165,11 +166,31 @@ class Trainer:
 
     def warm_start(self, state: TrainState, path: str, subtree: str | None = None) -> TrainState:
         """`state` with its parameters (or those under `subtree`, e.g. "teacher") read from a
-        params checkpoint (params_io format), restored directly into their shardings."""
+        params checkpoint (params_io format), restored directly into their shardings.
+
+        A checkpoint of another model type (model.json) goes through the model's
+        `warm_start_params` hook, e.g. embedding towers from a decoder-only checkpoint.
+        """
         target = self.abstract_state().params
+        model, fresh = self.model, state.params
         if subtree is not None:
-            target = target[subtree]
-        loaded = params_io.load(path, target)
+            target, fresh = target[subtree], fresh[subtree]
+            model = getattr(self.model, subtree, model)
+        source_type = None
+        if os.path.exists(os.path.join(path, params_io.MODEL_JSON)):
+            source_type, _ = params_io.read_model_json(path)
+        converted = None
+        if source_type is not None and source_type != getattr(model, "model_type", None):
+            # Orbax returns list indices as string keys; unflatten restores nnx's int keys
+            source = params_io.unflatten(params_io.flatten(params_io.load(path)))
+            converted = model.warm_start_params(source, source_type, fresh)
+        if converted is None:  # this model's own layout: checked and restored sharded
+            loaded = params_io.load(path, target)
+        else:
+            params_io.check_compatible(target, converted, f"{path} ({source_type} -> model)")
+            loaded = jax.tree.map(
+                lambda x, t: jax.device_put(jnp.asarray(x, t.dtype), t.sharding), converted, target
+            )
         params = dict(state.params)
         if subtree is None:
             params = loaded
@@ -201,8 +222,7 @@ class Trainer:
 
     def _step(self, state: TrainState, batch: dict[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
-        normalizer = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
+        normalizer = jnp.maximum(self.model.loss_weight(batch), 1.0)
         n = self.opt_cfg.grad_accum_steps
         if n == 1:
             grads, metrics = self._grads(state.params, batch, rng, normalizer)

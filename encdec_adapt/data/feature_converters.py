@@ -21,6 +21,7 @@ Converters and the batches they give (int32, [B, L]; t5x / seqio names):
   decoder_positions.
 - `DualEncoderConverter`: query_tokens [B, Lq], positive_tokens [B, Lp] and, when the task has
   hard negatives, negative_tokens [B, N, Lp]; never packed.
+- `ClassificationConverter`: encoder_input_tokens [B, L] and labels [B]; never packed.
 """
 
 from __future__ import annotations
@@ -209,3 +210,43 @@ class DualEncoderConverter:
         if "negatives" in task_feature_lengths:
             out["negative_tokens"] = task_feature_lengths["negatives"]
         return out
+
+
+class ClassificationConverter:
+    """(inputs, label) -> encoder_input_tokens [L] padded with 0, labels [] int32; never packed.
+
+    task_feature_lengths: {"inputs": L}; over-long inputs follow the length policy (counted).
+    """
+
+    pack = False
+
+    def __init__(
+        self, length_policy: str = "truncate", counters: counters_lib.Counters | None = None
+    ):
+        self.length_policy, self.counters = length_policy, counters
+
+    def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
+        if "inputs" not in task_feature_lengths:
+            raise ValueError(
+                f"ClassificationConverter needs task_feature_lengths['inputs']; "
+                f"got {dict(task_feature_lengths)}"
+            )
+        missing = {"inputs", "label"} - set(ds.element_spec)
+        if missing:
+            raise ValueError(
+                f"ClassificationConverter needs the task features 'inputs' and 'label'; the task "
+                f"gives {sorted(ds.element_spec)}"
+            )
+        length = task_feature_lengths["inputs"]
+        ds = ds.map(lambda ex: {"inputs": ex["inputs"], "label": ex["label"]})
+        ds = apply_length_policy(ds, {"inputs": length}, self.length_policy, self.counters)
+
+        def convert(ex):
+            tokens = tf.pad(ex["inputs"], [[0, length - tf.size(ex["inputs"])]])
+            tokens.set_shape([length])
+            return {"encoder_input_tokens": tokens, "labels": tf.cast(ex["label"], tf.int32)}
+
+        return ds.map(convert, num_parallel_calls=tf.data.AUTOTUNE)
+
+    def get_model_feature_lengths(self, task_feature_lengths: Mapping[str, int]):
+        return {"encoder_input_tokens": task_feature_lengths["inputs"], "labels": 1}

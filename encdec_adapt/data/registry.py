@@ -160,6 +160,36 @@ def register_contrastive_task(
     )
 
 
+def register_classification_task(
+    name: str,
+    source: str | seqio.DataSource,
+    preprocessor,
+    vocabulary: seqio.Vocabulary | None = None,
+    tfds_data_dir: str | None = None,
+    overwrite: bool = False,
+) -> seqio.Task:
+    """Registers `name`: `preprocessor` gives {"inputs": text, "label": int} examples (e.g.
+    `classification.code_match`); inputs are tokenized with EOS, the label passes through."""
+    vocabulary = vocabulary or vocab_lib.embedded_vocabulary()
+    preprocessors = [
+        preprocessor,
+        functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+        seqio.preprocessors.append_eos,
+    ]
+    features = {"inputs": seqio.Feature(vocabulary, add_eos=True)}
+    return _add(
+        seqio.TaskRegistry,
+        name,
+        overwrite,
+        lambda: seqio.TaskRegistry.add(
+            name,
+            source=data_source(source, tfds_data_dir),
+            preprocessors=preprocessors,
+            output_features=features,
+        ),
+    )
+
+
 def register_mixture(
     name: str, tasks: Sequence[str | tuple[str, float]], default_rate: float = 1.0,
     overwrite: bool = False,

@@ -8,11 +8,13 @@ Pretraining (source `stdlib_prose`, field `text`, the embedded 4096-id vocabular
 Contrastive (source `stdlib_code_search`): docstring summary line -> function source
   stdlib_code_search               in-batch negatives only
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
+Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
+  stdlib_code_match  label 1 for its own function, 0 for a hard negative of the same module
 Mixtures:
   stdlib_pretraining       span corruption + PrefixLM, equal rates
 """
 
-from encdec_adapt.data import registry
+from encdec_adapt.data import classification, registry
 
 QUERY_PROMPT = "task: code retrieval | query: "
 DOCUMENT_PROMPT = "title: none | text: "
@@ -39,6 +41,9 @@ def register(overwrite: bool = True) -> None:
             document_prompt=DOCUMENT_PROMPT,
             overwrite=overwrite,
         )
+    registry.register_classification_task(
+        "stdlib_code_match", "stdlib_code_search", classification.code_match, overwrite=overwrite
+    )
     registry.register_mixture(
         "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
     )

@@ -1,0 +1,57 @@
+"""Sequence-classification examples for encoder classifiers: {"inputs": text, "label": int}.
+
+`code_match` turns code-search pairs into a binary task: does this function implement this
+docstring summary? Each source example with at least one hard negative gives two examples,
+query + separator + its own function (label 1) and query + separator + its first hard negative
+(another function of the same module, label 0), so the classes are balanced and the negative is
+hard (same module, similar names and imports). Examples without negatives are dropped and
+counted as `too_few_negatives`.
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from encdec_adapt.data import counters as counters_lib
+from encdec_adapt.data import text
+
+SEPARATOR = " | code: "
+
+
+def code_match(
+    ds: tf.data.Dataset,
+    prompt: str = "task: code match | query: ",
+    separator: str = SEPARATOR,
+    query_key: str = "query",
+    positive_key: str = "positive",
+    negatives_key: str = "negatives",
+    counters: counters_lib.Counters | None = None,
+) -> tf.data.Dataset:
+    """(query, positive, negatives) strings -> two {"inputs", "label"} examples each."""
+    counters = counters or counters_lib.COUNTERS
+    ds = ds.map(
+        lambda ex: {k: ex[k] for k in (query_key, positive_key, negatives_key)},
+        num_parallel_calls=tf.data.AUTOTUNE,
+    )
+    ds = text.drop_empty(ds, (query_key, positive_key), counters)
+
+    def enough(ex):
+        none = tf.size(ex[negatives_key]) < 1
+        counters.add("too_few_negatives", tf.cast(none, tf.int64))
+        return ex, ~none
+
+    ds = text.keep_flagged(ds.map(enough))
+
+    def pair(ex):
+        head = tf.strings.join([prompt, ex[query_key], separator])
+        inputs = tf.stack(
+            [
+                tf.strings.join([head, ex[positive_key]]),
+                tf.strings.join([head, ex[negatives_key][0]]),
+            ]
+        )
+        return tf.data.Dataset.from_tensor_slices(
+            {"inputs": inputs, "label": tf.constant([1, 0], tf.int64)}
+        )
+
+    return ds.flat_map(pair)
