@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     "safetensors==0.8.0",
     "numpy==2.4.6",
     "tqdm==4.70.1",
+    "tensorboard==2.21.0",  # tf.summary needs it (TensorFlow no longer pulls it in)
+    "matplotlib==3.11.2",  # the quickstart's training-curve plots
     # tensorflow-datasets imports it but does not declare it.
     "importlib_resources==7.1.0",
 ]

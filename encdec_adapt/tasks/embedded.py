@@ -1,6 +1,7 @@
 """Default tasks on the embedded standard-library corpus (built on first use, no download).
 
 Pretraining (source `stdlib_prose`, field `text`, the embedded 4096-id vocabulary):
+  stdlib_lm                plain next-token prediction (decoder-only LM; documents cut to fit)
   stdlib_span_corruption   T5 span corruption (density 0.15, mean span 3)
   stdlib_prefix_lm         PrefixLM, random split
   stdlib_prefix_lm_kd      PrefixLM keeping `full` / `split` for a decoder-only KD teacher
@@ -10,11 +11,16 @@ Contrastive (source `stdlib_code_search`): docstring summary line -> function so
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
   stdlib_code_match  label 1 for its own function, 0 for a hard negative of the same module
+Evaluation (with seqio metric functions): see encdec_adapt.tasks.metric_tasks
 Mixtures:
   stdlib_pretraining       span corruption + PrefixLM, equal rates
 """
 
-from encdec_adapt.data import classification, registry
+import functools
+
+import seqio
+
+from encdec_adapt.data import classification, registry, span_corruption, text
 
 QUERY_PROMPT = "task: code retrieval | query: "
 DOCUMENT_PROMPT = "title: none | text: "
@@ -27,7 +33,27 @@ PRETRAINING = {
 }
 
 
+def lm_chunks(ds, sequence_length, output_features):
+    """Plain LM: tokenized documents cut into pieces that fit `targets` with their EOS."""
+    del output_features
+    return span_corruption.chunk(ds, sequence_length["targets"] - 1)
+
+
 def register(overwrite: bool = True) -> None:
+    if overwrite and "stdlib_lm" in seqio.TaskRegistry.names():
+        seqio.TaskRegistry.remove("stdlib_lm")
+    seqio.TaskRegistry.add(
+        "stdlib_lm",
+        source=registry.data_source("stdlib_prose"),
+        preprocessors=[
+            functools.partial(seqio.preprocessors.rekey, key_map={"targets": "text"}),
+            functools.partial(text.drop_empty, features=("targets",)),
+            functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
+            lm_chunks,
+            seqio.preprocessors.append_eos,
+        ],
+        output_features={"targets": seqio.Feature(registry.vocabulary(), add_eos=True)},
+    )
     for name, objective in PRETRAINING.items():
         registry.register_pretraining_task(
             name, "stdlib_prose", objective=objective, overwrite=overwrite
@@ -47,6 +73,9 @@ def register(overwrite: bool = True) -> None:
     registry.register_mixture(
         "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
     )
+    from encdec_adapt.tasks import metric_tasks  # copies of the above with metric functions
+
+    metric_tasks.register(overwrite)
 
 
 register()
