@@ -11,7 +11,6 @@ Contrastive (source `stdlib_code_search`): docstring summary line -> function so
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
   stdlib_code_match  label 1 for its own function, 0 for a hard negative of the same module
-Evaluation (with seqio metric functions): see encdec_adapt.tasks.metric_tasks
 Mixtures:
   stdlib_pretraining       span corruption + PrefixLM, equal rates
 """
@@ -73,9 +72,6 @@ def register(overwrite: bool = True) -> None:
     registry.register_mixture(
         "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
     )
-    from encdec_adapt.tasks import metric_tasks  # copies of the above with metric functions
-
-    metric_tasks.register(overwrite)
 
 
 register()
