@@ -13,6 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from encdec_adapt.retrieval_metrics import RetrievalSplit
+
 _WORD = re.compile(r"[A-Za-z0-9]+")
 _CAMEL = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
 
@@ -62,3 +64,13 @@ class BM25:
         """The ids of the k best documents, ties broken by document order."""
         order = np.argsort(-self.scores(query), kind="stable")[:k]
         return [doc_ids[i] for i in order]
+
+    def score_matrix(self, queries: Sequence[str]) -> np.ndarray:
+        """[Q, N] scores of every query against every document."""
+        return np.stack([self.scores(q) for q in queries]) if queries else np.zeros((0, 0))
+
+
+def evaluate_bm25(split: RetrievalSplit, k1: float = 1.2, b: float = 0.75) -> dict[str, float]:
+    """The split's metrics (nDCG@10, Recall@1/10/100, MRR@10) for BM25 over its raw texts."""
+    index = BM25(split.documents, k1=k1, b=b)
+    return split.evaluate_scores(index.score_matrix(split.queries))

@@ -21,11 +21,22 @@ from encdec_adapt.dual_encoder import DualEncoder
 
 @dataclasses.dataclass
 class EncodeStats:
-    """What `encode` had to change: texts cut to max_length, and empty texts."""
+    """What `encode` had to change: texts cut to max_length, and empty texts.
+
+    The counts add up over calls in `TextEncoder.stats` and are per call in
+    `TextEncoder.last_stats`, which also lists the rows: `truncated_rows` / `empty_rows` (row
+    indices) and `lengths` (tokens of each row, prompt and EOS included, after the cut).
+    """
 
     texts: int = 0
     truncated: int = 0
     empty: int = 0
+    truncated_rows: list[int] = dataclasses.field(default_factory=list)
+    empty_rows: list[int] = dataclasses.field(default_factory=list)
+    lengths: list[int] = dataclasses.field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"texts": self.texts, "truncated": self.truncated, "empty": self.empty}
 
 
 class TextEncoder:
@@ -40,9 +51,12 @@ class TextEncoder:
     """
 
     def __init__(self, model: DualEncoder, vocabulary, *, max_length=128, batch_size=32, eos_id=1):
+        if not isinstance(max_length, int) or max_length < 2:
+            raise ValueError(f"TextEncoder: max_length={max_length!r} must be an int >= 2")
         self.model, self.vocabulary = model, vocabulary
         self.max_length, self.batch_size, self.eos_id = max_length, batch_size, eos_id
         self.stats = EncodeStats()
+        self.last_stats = EncodeStats()
 
         @nnx.jit(static_argnames=("side",))
         def embed(model, tokens, side):
@@ -50,16 +64,23 @@ class TextEncoder:
 
         self._embed = embed
 
-    def tokenize(self, text: str, prompt: str = "") -> list[int]:
+    def tokenize(self, text: str, prompt: str = "", max_length: int | None = None) -> list[int]:
+        """prompt + text -> ids + [EOS], cut to max_length (an empty text is just [EOS], or
+        the prompt's ids and EOS). Counts into `stats`."""
+        ids, _ = self._tokenize(text, prompt, max_length or self.max_length)
+        return ids
+
+    def _tokenize(self, text: str, prompt: str, max_length: int) -> tuple[list[int], bool]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects strings, got {type(text).__name__}: {text!r}")
         ids = list(self.vocabulary.encode(prompt + text)) if (prompt + text) else []
         self.stats.texts += 1
         self.stats.empty += not text.strip()
-        if len(ids) + 1 > self.max_length:
+        cut = len(ids) + 1 > max_length
+        if cut:
             self.stats.truncated += 1
-            ids = ids[: self.max_length - 1]
-        return [*ids, self.eos_id]
+            ids = ids[: max_length - 1]
+        return [*ids, self.eos_id], cut
 
     def encode(
         self,
@@ -70,24 +91,46 @@ class TextEncoder:
         normalize: bool = True,
         truncate_dim: int | None = None,
         batch_size: int | None = None,
+        max_length: int | None = None,
         progress: bool = False,
     ) -> np.ndarray:
         """[N] texts -> [N, E] float32 embeddings (E = truncate_dim, a Matryoshka prefix, if set).
 
         Truncation to a prefix happens before normalisation, so prefixes are unit length too.
+        `max_length` overrides the encoder's for this call (e.g. longer documents than queries).
+        Empty (or whitespace-only) texts embed as prompt + EOS; they and the texts cut to
+        max_length are counted in `last_stats` (this call) and `stats` (all calls).
         """
         if isinstance(texts, str):
             raise TypeError("encode expects a sequence of strings, not one string")
+        if side not in ("query", "document"):
+            raise ValueError(f"encode: side={side!r}; choose 'query' or 'document'")
         dim = self.model.config.embedding_dim
         if truncate_dim is not None and not 0 < truncate_dim <= dim:
             raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {dim}]")
+        length = max_length or self.max_length
+        if not isinstance(length, int) or length < 2:
+            raise ValueError(f"encode: max_length={length!r} must be an int >= 2")
         bs = batch_size or self.batch_size
-        rows = [self.tokenize(t, prompt) for t in texts]
+        last = EncodeStats()
+        rows = []
+        for i, text in enumerate(texts):
+            ids, cut = self._tokenize(text, prompt, length)
+            rows.append(ids)
+            last.lengths.append(len(ids))
+            last.texts += 1
+            if cut:
+                last.truncated += 1
+                last.truncated_rows.append(i)
+            if not text.strip():
+                last.empty += 1
+                last.empty_rows.append(i)
+        self.last_stats = last
         out = np.zeros((len(rows), truncate_dim or dim), np.float32)
         starts = range(0, len(rows), bs)
-        for start in tqdm(starts, desc="encode", disable=not progress, unit="batch"):
+        for start in tqdm(starts, desc=f"encode ({side} side)", disable=not progress, unit="batch"):
             chunk = rows[start : start + bs]
-            tokens = np.zeros((bs, self.max_length), np.int32)
+            tokens = np.zeros((bs, length), np.int32)
             for i, ids in enumerate(chunk):
                 tokens[i, : len(ids)] = ids
             emb = np.asarray(self._embed(self.model, tokens, side))[: len(chunk)]

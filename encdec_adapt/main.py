@@ -21,10 +21,16 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     ),
     "export-hf": ("encdec_adapt.convert.cli", "export_hf_main", "Orbax checkpoint -> HF dir"),
     "adapt": ("encdec_adapt.adapt", "adapt_main", "decoder-only ckpt(s) -> T5Gemma enc-dec"),
+    "export-params": (
+        "encdec_adapt.export_params",
+        "export_params_main",
+        "training run's checkpoint -> params checkpoint",
+    ),
     "tasks": ("encdec_adapt.data.cli", "tasks_main", "list seqio tasks / show examples"),
     "train": ("encdec_adapt.train", "train_main", "train with gin files (resumes)"),
     "eval": ("encdec_adapt.train", "eval_main", "evaluate a checkpoint (loss, task metrics)"),
     "infer": ("encdec_adapt.train", "infer_main", "score / decode a seqio task or JSONL file"),
+    "embed": ("encdec_adapt.embed", "embed_main", "texts / task split -> embeddings, report"),
 }
 
 
