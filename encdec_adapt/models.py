@@ -20,7 +20,7 @@ from flax import nnx
 
 from encdec_adapt import decoding, losses
 from encdec_adapt.config import GemmaConfig
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.transformer import DecoderOnly, apply_scan
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -229,12 +229,15 @@ class DecoderOnlyModel(BaseModel):
       label_smoothing: uniform label smoothing of the cross-entropy.
       remat: rematerialisation of the transformer blocks in training: "none", "full" or "dots"
         (keep matmul outputs).
+      scan_layers: run the layers as a `jax.lax.scan` over attention-pattern periods in
+        training and scoring (compiles one period instead of every layer; same parameters).
     """
 
     config: GemmaConfig = None
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     remat: str = "none"
+    scan_layers: bool = False
 
     model_type = "decoder_only"
     features = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
@@ -253,7 +256,8 @@ class DecoderOnlyModel(BaseModel):
             )
 
     def build(self, rngs: nnx.Rngs) -> DecoderOnly:
-        return apply_remat(DecoderOnly(self.config, rngs=rngs), self.remat)
+        net = apply_remat(DecoderOnly(self.config, rngs=rngs), self.remat)
+        return apply_scan(net, self.scan_layers)
 
     def logits(self, module: DecoderOnly, batch: Batch, rng: jax.Array | None) -> jax.Array:
         logits, _ = module(
@@ -286,7 +290,7 @@ class EncoderDecoderModel(BaseModel):
 
     Attributes:
       config: an EncoderDecoderConfig (%MODEL_CONFIG of a gin/models/t5gemma_*.gin file).
-      z_loss, label_smoothing, remat: as DecoderOnlyModel.
+      z_loss, label_smoothing, remat, scan_layers: as DecoderOnlyModel.
       decoder_start_id: first decoder input when generating: 0 for models trained here (seqio
         shifts targets right with 0), 2 (BOS) for released HF T5Gemma checkpoints.
     """
@@ -295,6 +299,7 @@ class EncoderDecoderModel(BaseModel):
     z_loss: float = 0.0
     label_smoothing: float = 0.0
     remat: str = "none"
+    scan_layers: bool = False
     decoder_start_id: int = 0
 
     model_type = "encoder_decoder"
@@ -323,7 +328,8 @@ class EncoderDecoderModel(BaseModel):
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
         from encdec_adapt.encdec import EncoderDecoder
 
-        return apply_remat(EncoderDecoder(self.config, rngs=rngs), self.remat)
+        net = apply_remat(EncoderDecoder(self.config, rngs=rngs), self.remat)
+        return apply_scan(net, self.scan_layers)
 
     def logits(self, module: nnx.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
         return module(

@@ -136,10 +136,23 @@ def default_positions(segment_ids: jax.Array) -> jax.Array:
     return idx - start_idx
 
 
+def pattern_period(types: Sequence[AttentionType]) -> int:
+    """The smallest p with types[i] == types[i - p] for every layer i >= p."""
+    n = len(types)
+    return next(p for p in range(1, n + 1) if all(types[i] == types[i - p] for i in range(p, n)))
+
+
 class Stack(nnx.Module):
-    """Gemma layers and the final norm over embedded inputs; causal or bidirectional."""
+    """Gemma layers and the final norm over embedded inputs; causal or bidirectional.
+
+    With `scan_layers` (set by `apply_scan`) training / scoring calls run the layers as a
+    `jax.lax.scan` over groups of one attention-pattern period (Gemma 2: local, global; Gemma 3:
+    5 local, 1 global), so XLA compiles one group instead of every layer. Parameters stay stored
+    per layer (the checkpoint layout does not change); the scan stacks them on the fly.
+    """
 
     block_cls = Block
+    scan_layers = False
 
     def __init__(self, cfg: GemmaConfig, *, causal: bool, rngs: nnx.Rngs):
         self.causal = causal
@@ -179,6 +192,9 @@ class Stack(nnx.Module):
                 segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, start),
             )
             masks = self.masks(positions, segment_ids, cache.positions, cache.segment_ids)
+        if self.scan_layers and cache is None:
+            x = self._scan(x, positions, masks, rng, layer_kwargs)
+            return self.final_norm(x), None
         new_layers = []
         for i, block in enumerate(self.blocks):
             layer_rng = None if rng is None else jax.random.fold_in(rng, i)
@@ -195,6 +211,61 @@ class Stack(nnx.Module):
         if cache is not None:
             cache = cache._replace(layers=tuple(new_layers), index=cache.index + positions.shape[1])
         return self.final_norm(x), cache
+
+    def _scan(self, x, positions, masks, rng, layer_kwargs) -> jax.Array:
+        """The layers of a cache-free call: whole periods in a scan, the remainder unrolled.
+
+        Layer i gets the same dropout key and keyword arguments as in the unrolled loop, so
+        both paths compute the same function.
+        """
+        blocks = list(self.blocks)
+        types = [b.attention_type for b in blocks]
+        period = pattern_period(types)
+        groups = len(blocks) // period
+        kwargs = list(layer_kwargs) if layer_kwargs else [{}] * len(blocks)
+
+        def run(block, x, i, kw):
+            layer_rng = None if rng is None else jax.random.fold_in(rng, i)
+            out, _ = block(x, positions, masks[block.attention_type], rng=layer_rng, **kw)
+            return out
+
+        # Each pattern position j has one graph structure; its states over the groups stack.
+        graphdefs, stacked = [], []
+        for j in range(period):
+            members = [blocks[g * period + j] for g in range(groups)]
+            graphdefs.append(nnx.graphdef(members[0]))
+            stacked.append(
+                jax.tree.map(lambda *xs: jnp.stack(xs), *[nnx.state(m) for m in members])
+            )
+        stacked_kwargs = [
+            jax.tree.map(
+                lambda *xs: jnp.stack(xs), *[kwargs[g * period + j] for g in range(groups)]
+            )
+            for j in range(period)
+        ]
+
+        def body(x, xs):
+            states, kws, g = xs
+            for j in range(period):
+                block = nnx.merge(graphdefs[j], states[j])
+                x = run(block, x, g * period + j, kws[j])
+            return x, None
+
+        x, _ = jax.lax.scan(body, x, (stacked, stacked_kwargs, jnp.arange(groups)))
+        for i in range(groups * period, len(blocks)):
+            x = run(blocks[i], x, i, kwargs[i])
+        return x
+
+
+def apply_scan(module: nnx.Module, enabled: bool = True) -> nnx.Module:
+    """Makes every `Stack` inside `module` scan over its layers in cache-free calls (in place).
+
+    Decoding with a cache stays unrolled (one step touches each layer once anyway).
+    """
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, Stack):
+            node.scan_layers = enabled
+    return module
 
 
 def make_lm_head(cfg: GemmaConfig, rngs: nnx.Rngs) -> nnx.Param:
