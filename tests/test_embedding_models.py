@@ -170,3 +170,9 @@ def test_classifier_learns_and_warm_starts(tmp_path):
     for name, x in params_io.flatten(state.params["encoder"]).items():
         np.testing.assert_array_equal(x, source[name], err_msg=name)
     assert set(state.params["head"]) == {"kernel", "bias"}
+    cfg = EncoderDecoderConfig(encoder=TOWER, decoder=TOWER)
+    encdec = EncoderDecoder(cfg, rngs=nnx.Rngs(8))
+    state = t.warm_start(t.init_state(), _save(tmp_path, "encdec", encdec, "encoder_decoder", cfg))
+    enc = params_io.flatten(params_io.model_params(encdec)["encoder"])
+    for name, x in params_io.flatten(state.params["encoder"]).items():
+        np.testing.assert_array_equal(x, enc[name], err_msg=name)

@@ -28,6 +28,7 @@ def test_there_are_run_files():
     runs = [f for f in GIN_FILES if "/gin/runs/" in f]
     expected = {"pretrain.gin", "finetune.gin", "eval.gin", "infer.gin", "synthetic.gin"}
     expected |= {"adapt_prefixlm.gin", "adapt_ul2.gin"}
+    expected |= {"contrastive.gin", "classify.gin", "dual_encoder_model.gin"}
     assert expected <= {os.path.basename(f) for f in runs}
 
 
