@@ -21,6 +21,7 @@ from encdec_adapt.dual_encoder import DualEncoder, DualEncoderConfig, warm_start
 from encdec_adapt.embedding_models import ClassifierModel, DualEncoderModel
 from encdec_adapt.encdec import Encoder, EncoderDecoder
 from encdec_adapt.encode import MTEBEncoder, TextEncoder
+from encdec_adapt.retrieval_metrics import RetrievalSplit, retrieval_metric_fn
 from encdec_adapt.sharding import MeshRules, create_sharded, use_mesh
 from encdec_adapt.transformer import DecodeCache, DecoderOnly, init_cache
 
@@ -44,6 +45,7 @@ __all__ = [
     "GemmaConfig",
     "MTEBEncoder",
     "MeshRules",
+    "RetrievalSplit",
     "TextEncoder",
     "WarmStart",
     "contrastive_loss",
@@ -53,6 +55,7 @@ __all__ = [
     "init_cache",
     "load_encdec_preset",
     "load_preset",
+    "retrieval_metric_fn",
     "sharded_contrastive_loss",
     "trainable_mask",
     "use_mesh",
