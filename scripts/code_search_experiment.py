@@ -14,7 +14,8 @@ when the script runs again):
   3. `encdec-adapt embed` on the test split: the trained towers, the untrained towers (the same
      warm start without training) and BM25 in one table, WORKDIR/eval/retrieval_report.md.
 
-`--gin` bindings shape the towers and the loss (DualEncoderConfig, ContrastiveConfig, macros of
+`--pretrain_gin` bindings go to the decoder pretraining (e.g. "BATCH_SIZE = 8"). `--gin`
+bindings shape the towers and the loss (DualEncoderConfig, ContrastiveConfig, macros of
 contrastive.gin and embed.gin such as QUERY_LENGTH / DOCUMENT_LENGTH) and go to both training
 and evaluation; `--train_gin` bindings go to training only (optimizer, steps, batch).
 """
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_steps", type=int, default=300)
     parser.add_argument("--gin", action="append", default=[], help="towers / loss binding")
     parser.add_argument("--train_gin", action="append", default=[], help="training binding")
+    parser.add_argument(
+        "--pretrain_gin", action="append", default=[], help="decoder pretraining binding"
+    )
     parser.add_argument("--split", default="test")
     args = parser.parse_args(argv)
     work = os.path.abspath(args.workdir)
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"--gin.MODEL_DIR={pretrain_dir}",
                 f"--gin.TRAIN_STEPS={args.pretrain_steps}",
                 "--gin.train.tensorboard=False",
+                *gin_flags(args.pretrain_gin),
             ],
             os.path.join(work, "pretrain.log"),
         )
