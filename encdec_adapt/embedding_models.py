@@ -225,13 +225,13 @@ class DualEncoderModel(BaseModel):
         """
         graphdef, params, rest = nnx.split(module, nnx.Param, ...)
         chunk = self.grad_cache_chunk
-        b = batch["query_tokens"].shape[0]
-        if b % chunk:
-            raise ValueError(
-                f"DualEncoderModel.grad_cache_chunk={chunk} does not divide the batch of {b} rows"
-            )
         feats = {k: v for k, v in batch.items() if k in self.features}
         rows = feats["query_tokens"].shape[0]
+        if rows % chunk:
+            raise ValueError(
+                f"DualEncoderModel.grad_cache_chunk={chunk} does not divide the batch of {rows} "
+                f"rows"
+            )
         model = self
 
         def embed_all(p, f, r):
