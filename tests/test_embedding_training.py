@@ -96,9 +96,10 @@ def test_one_task_per_batch_is_deterministic_and_resumes_exactly():
             np.testing.assert_array_equal(got[k], want[k])
 
 
-def test_code_match_task(embedded_corpus):
+@pytest.mark.parametrize("task", ["stdlib_code_match", "stdlib_code_match_other"])
+def test_code_match_task(embedded_corpus, task):
     cfg = input_pipeline.DataConfig(
-        task="stdlib_code_match",
+        task=task,
         batch_size=16,
         task_feature_lengths={"inputs": 64},
         feature_converter="classification",
@@ -111,7 +112,7 @@ def test_code_match_task(embedded_corpus):
     assert set(labels.tolist()) == {0, 1} and abs(labels.mean() - 0.5) < 0.01
     first = batches[0]
     assert first["encoder_input_tokens"].shape == (16, 64)
-    vocab = input_pipeline.vocabularies("stdlib_code_match")["inputs"]
+    vocab = input_pipeline.vocabularies(task)["inputs"]
     text = vocab.decode(first["encoder_input_tokens"][0].tolist())
     assert text.startswith("task: code match | query: ") and " | code: " in text
     # the pair of a query: its own function (1), then a hard negative (0)

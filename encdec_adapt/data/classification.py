@@ -6,6 +6,10 @@ query + separator + its own function (label 1) and query + separator + its first
 (another function of the same module, label 0), so the classes are balanced and the negative is
 hard (same module, similar names and imports). Examples without negatives are dropped and
 counted as `too_few_negatives`.
+
+With `negative="other"` the negative is instead the function of the example `OTHER_OFFSET`
+places further in the source (wrapping around): almost always another module, so the task is
+easier (names and vocabulary differ); every source example is kept.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import text
 
 SEPARATOR = " | code: "
+NEGATIVES = ("hard", "other")
+OTHER_OFFSET = 97  # > the functions of almost every module, so the partner is in another one
 
 
 def code_match(
@@ -25,15 +31,23 @@ def code_match(
     query_key: str = "query",
     positive_key: str = "positive",
     negatives_key: str = "negatives",
+    negative: str = "hard",
     counters: counters_lib.Counters | None = None,
 ) -> tf.data.Dataset:
-    """(query, positive, negatives) strings -> two {"inputs", "label"} examples each."""
+    """(query, positive, negatives) strings -> two {"inputs", "label"} examples each.
+
+    negative: "hard" (the first hard negative) or "other" (another example's function).
+    """
+    if negative not in NEGATIVES:
+        raise ValueError(f"code_match: negative={negative!r}; choose from {NEGATIVES}")
     counters = counters or counters_lib.COUNTERS
     ds = ds.map(
         lambda ex: {k: ex[k] for k in (query_key, positive_key, negatives_key)},
         num_parallel_calls=tf.data.AUTOTUNE,
     )
     ds = text.drop_empty(ds, (query_key, positive_key), counters)
+    if negative == "other":
+        return _other_function_pairs(ds, prompt, separator, query_key, positive_key)
 
     def enough(ex):
         none = tf.size(ex[negatives_key]) < 1
@@ -55,3 +69,22 @@ def code_match(
         )
 
     return ds.flat_map(pair)
+
+
+def _other_function_pairs(ds, prompt, separator, query_key, positive_key):
+    """Pairs whose negative is the function of the example OTHER_OFFSET places on (rotated)."""
+    rotated = ds.skip(OTHER_OFFSET).concatenate(ds.take(OTHER_OFFSET))
+
+    def pair(ex, other):
+        head = tf.strings.join([prompt, ex[query_key], separator])
+        inputs = tf.stack(
+            [
+                tf.strings.join([head, ex[positive_key]]),
+                tf.strings.join([head, other[positive_key]]),
+            ]
+        )
+        return tf.data.Dataset.from_tensor_slices(
+            {"inputs": inputs, "label": tf.constant([1, 0], tf.int64)}
+        )
+
+    return tf.data.Dataset.zip(ds, rotated).flat_map(pair)

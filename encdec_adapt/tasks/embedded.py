@@ -10,7 +10,8 @@ Contrastive (source `stdlib_code_search`): docstring summary line -> function so
   stdlib_code_search               in-batch negatives only
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
-  stdlib_code_match  label 1 for its own function, 0 for a hard negative of the same module
+  stdlib_code_match        label 1 for its own function, 0 for a hard negative of the same module
+  stdlib_code_match_other  label 0 for a function of another example (usually another module)
 Mixtures:
   stdlib_pretraining       span corruption + PrefixLM, equal rates
 """
@@ -66,9 +67,13 @@ def register(overwrite: bool = True) -> None:
             document_prompt=DOCUMENT_PROMPT,
             overwrite=overwrite,
         )
-    registry.register_classification_task(
-        "stdlib_code_match", "stdlib_code_search", classification.code_match, overwrite=overwrite
-    )
+    for name, negative in (("stdlib_code_match", "hard"), ("stdlib_code_match_other", "other")):
+        registry.register_classification_task(
+            name,
+            "stdlib_code_search",
+            functools.partial(classification.code_match, negative=negative),
+            overwrite=overwrite,
+        )
     registry.register_mixture(
         "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
     )
