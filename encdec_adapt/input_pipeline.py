@@ -128,7 +128,9 @@ class DataConfig:
       use_cached: read seqio's offline cache.
       one_task_per_batch: with a mixture, every batch comes from one of its tasks, chosen by the
         mixture rates with an RNG seeded by (seed, batch index) (the Gemini Embedding recipe:
-        in-batch negatives from the same task). Needs repeat=True.
+        in-batch negatives from the same task). Needs repeat=True, and tasks that give the same
+        features (e.g. all with or all without hard negatives): the train step is compiled for
+        one batch structure.
     """
 
     task: str = ""
