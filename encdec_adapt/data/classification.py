@@ -1,5 +1,9 @@
 """Sequence-classification examples for encoder classifiers: {"inputs": text, "label": int}.
 
+`module_topic`: which standard-library package a docstring summary comes from (TOPICS, the
+8 packages with the most documented functions; examples of other packages are dropped and
+counted as `other_topic`). A single-text task a linear head over pooled states can learn.
+
 `code_match` turns code-search pairs into a binary task: does this function implement this
 docstring summary? Each source example with at least one hard negative gives two examples,
 query + separator + its own function (label 1) and query + separator + its first hard negative
@@ -21,6 +25,16 @@ from encdec_adapt.data import text
 
 SEPARATOR = " | code: "
 NEGATIVES = ("hard", "other")
+TOPICS = (
+    "asyncio",
+    "email",
+    "importlib",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "xml",
+    "unittest",
+)
 OTHER_OFFSET = 97  # > the functions of almost every module, so the partner is in another one
 
 
@@ -88,3 +102,32 @@ def _other_function_pairs(ds, prompt, separator, query_key, positive_key):
         )
 
     return tf.data.Dataset.zip(ds, rotated).flat_map(pair)
+
+
+def module_topic(
+    ds: tf.data.Dataset,
+    topics: tuple[str, ...] = TOPICS,
+    prompt: str = "task: module | query: ",
+    text_key: str = "query",
+    id_key: str = "id",
+    counters: counters_lib.Counters | None = None,
+) -> tf.data.Dataset:
+    """{id: "package.module.function", query: summary} -> {"inputs": prompt + summary, "label":
+    index of the top-level package in `topics`}; other packages are dropped (counted)."""
+    counters = counters or counters_lib.COUNTERS
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(
+            tf.constant(list(topics)), tf.range(len(topics), dtype=tf.int64)
+        ),
+        default_value=-1,
+    )
+    ds = ds.map(lambda ex: {"text": ex[text_key], "id": ex[id_key]})
+    ds = text.drop_empty(ds, ("text",), counters)
+
+    def labelled(ex):
+        label = table.lookup(tf.strings.split(ex["id"], ".")[0])
+        other = label < 0
+        counters.add("other_topic", tf.cast(other, tf.int64))
+        return {"inputs": tf.strings.join([prompt, ex["text"]]), "label": label}, ~other
+
+    return text.keep_flagged(ds.map(labelled))

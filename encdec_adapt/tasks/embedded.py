@@ -12,6 +12,7 @@ Contrastive (source `stdlib_code_search`): docstring summary line -> function so
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
   stdlib_code_match        label 1 for its own function, 0 for a hard negative of the same module
   stdlib_code_match_other  label 0 for a function of another example (usually another module)
+  stdlib_doc_topic         docstring summary -> its package, one of classification.TOPICS (8)
 Mixtures:
   stdlib_pretraining       span corruption + PrefixLM, equal rates
 """
@@ -67,6 +68,9 @@ def register(overwrite: bool = True) -> None:
             document_prompt=DOCUMENT_PROMPT,
             overwrite=overwrite,
         )
+    registry.register_classification_task(
+        "stdlib_doc_topic", "stdlib_code_search", classification.module_topic, overwrite=overwrite
+    )
     for name, negative in (("stdlib_code_match", "hard"), ("stdlib_code_match_other", "other")):
         registry.register_classification_task(
             name,
