@@ -121,6 +121,22 @@ def test_code_match_task(embedded_corpus, task):
     assert text.split(" | code: ")[0] == second.split(" | code: ")[0]
 
 
+def test_doc_topic_task(embedded_corpus):
+    from encdec_adapt.data import classification
+
+    cfg = input_pipeline.DataConfig(
+        task="stdlib_doc_topic",
+        batch_size=32,
+        task_feature_lengths={"inputs": 32},
+        feature_converter="classification",
+        split="validation",
+        shuffle=False,
+        repeat=False,
+    )
+    labels = np.concatenate([b["labels"] for b in input_pipeline.make_iterator(cfg)])
+    assert set(labels.tolist()) == set(range(len(classification.TOPICS)))
+
+
 def _dual_encoder_run(model_dir, stop_after=None):
     """A tiny dual encoder on stdlib_code_search_hard_negatives for 4 steps (checkpoint each 2)."""
     from encdec_adapt import checkpoints, optim, sharding, train
