@@ -86,12 +86,14 @@ def _direction_losses(
     tau: jax.Array,
     hard_negatives: jax.Array | None = None,
     all_anchors: jax.Array | None = None,
+    valid: jax.Array | None = None,
 ) -> jax.Array:
     """Per-row losses of local anchors [b, D] against global targets [B, D].
 
     anchor_ids / target_ids: [B] global duplicate ids of anchors and targets; row_offset: the
     global index of local row 0; hard_negatives: [b, K, D]; all_anchors: [B, D] for same-tower
-    negatives. Returns [b].
+    negatives; valid: [B] bool, False for rows that only pad the batch (never a candidate).
+    Returns [b].
     """
     b, big_b = anchors.shape[0], targets.shape[0]
     rows = row_offset + jnp.arange(b)
@@ -104,6 +106,8 @@ def _direction_losses(
         )
     else:
         dup = jnp.zeros((b, big_b), bool)
+    if valid is not None:
+        dup = dup | ~valid[None, :]
 
     def weighted(s, keep):
         logits = s / tau
@@ -124,40 +128,46 @@ def _direction_losses(
     return jax.nn.logsumexp(jnp.concatenate(terms, axis=1), axis=1) - positive
 
 
-def _spread_out(x: jax.Array, rows: jax.Array, all_x: jax.Array) -> jax.Array:
-    """Sum over local rows of sum_{j != i} (x_i . x_j)^2; [b] and [B] rows -> scalar."""
+def _spread_out(x: jax.Array, rows: jax.Array, all_x: jax.Array, valid: jax.Array) -> jax.Array:
+    """Sum over local valid rows of sum_{valid j != i} (x_i . x_j)^2; [b] and [B] rows ->
+    scalar."""
     sim = x @ all_x.T
     off = rows[:, None] != jnp.arange(all_x.shape[0])[None, :]
+    off = off & valid[None, :] & jnp.take(valid, rows)[:, None]
     return jnp.sum(jnp.where(off, sim * sim, 0.0))
 
 
-def _loss_sums(q, p, n, q_ids, p_ids, all_q, all_p, row_offset, cfg, tau):
-    """Sums over local rows of the per-row loss and of the spread-out term, over all prefixes."""
+def _loss_sums(q, p, n, q_ids, p_ids, all_q, all_p, row_offset, cfg, tau, valid):
+    """Sums over local valid rows of the per-row loss and of the spread-out term, over all
+    prefixes; valid: [B] bool of the global batch."""
     dims = (q.shape[-1], *cfg.matryoshka_dims)
     weights = cfg.matryoshka_weights or (1.0,) * len(dims)
     rows = row_offset + jnp.arange(q.shape[0])
+    local_valid = jnp.take(valid, rows).astype(jnp.float32)
     loss_sum = spread_sum = jnp.zeros((), jnp.float32)
     for dim, weight in zip(dims, weights):
         nq, np_, naq, nap = (l2_normalize(x[..., :dim]) for x in (q, p, all_q, all_p))
         nn = None if n is None else l2_normalize(n[..., :dim])
         same = cfg.same_tower_negatives
         per_row = _direction_losses(
-            nq, nap, q_ids, p_ids, row_offset, cfg, tau, nn, naq if same else None
+            nq, nap, q_ids, p_ids, row_offset, cfg, tau, nn, naq if same else None, valid
         )
         if cfg.bidirectional:
             backward = _direction_losses(
-                np_, naq, p_ids, q_ids, row_offset, cfg, tau, None, nap if same else None
+                np_, naq, p_ids, q_ids, row_offset, cfg, tau, None, nap if same else None, valid
             )
             per_row = 0.5 * (per_row + backward)
-        loss_sum += weight * jnp.sum(per_row)
+        loss_sum += weight * jnp.sum(per_row * local_valid)
         if cfg.spread_out_weight:
-            spread_sum += weight * (_spread_out(nq, rows, naq) + _spread_out(np_, rows, nap))
+            spread = _spread_out(nq, rows, naq, valid) + _spread_out(np_, rows, nap, valid)
+            spread_sum += weight * spread
     return loss_sum, spread_sum
 
 
-def _finish(loss_sum, spread_sum, batch, cfg):
+def _finish(loss_sum, spread_sum, valid, cfg):
+    batch = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
     loss = loss_sum / batch
-    spread = spread_sum / (2 * batch * max(batch - 1, 1))
+    spread = spread_sum / (2 * batch * jnp.maximum(batch - 1, 1.0))
     total = loss + cfg.spread_out_weight * spread
     return total, {"contrastive_loss": loss, "spread_out": spread}
 
@@ -175,6 +185,7 @@ def contrastive_loss(
     query_ids: jax.Array | None = None,
     positive_ids: jax.Array | None = None,
     temperature: jax.Array | float | None = None,
+    valid: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The configured loss of a global batch.
 
@@ -183,6 +194,8 @@ def contrastive_loss(
       negatives: [B, K, D] hard negatives of each query, or None.
       query_ids, positive_ids: [B] int ids equal for duplicate texts (default: all distinct).
       temperature: overrides cfg.temperature (a learned temperature).
+      valid: [B] bool, False for rows that only pad the batch: they are neither anchors nor
+        candidates, and the mean is over the valid rows (default: all rows).
     Returns:
       (scalar loss, metrics).
     """
@@ -190,8 +203,11 @@ def contrastive_loss(
     q_ids = _default_ids(batch) if query_ids is None else query_ids
     p_ids = _default_ids(batch) + batch if positive_ids is None else positive_ids
     tau = cfg.temperature if temperature is None else temperature
-    sums = _loss_sums(queries, positives, negatives, q_ids, p_ids, queries, positives, 0, cfg, tau)
-    return _finish(*sums, batch, cfg)
+    valid = jnp.ones((batch,), bool) if valid is None else valid
+    sums = _loss_sums(
+        queries, positives, negatives, q_ids, p_ids, queries, positives, 0, cfg, tau, valid
+    )
+    return _finish(*sums, valid, cfg)
 
 
 def sharded_contrastive_loss(
@@ -209,28 +225,32 @@ def sharded_contrastive_loss(
         query_ids=None,
         positive_ids=None,
         temperature=None,
+        valid=None,
     ):
         batch = queries.shape[0]
         q_ids = _default_ids(batch) if query_ids is None else query_ids
         p_ids = _default_ids(batch) + batch if positive_ids is None else positive_ids
         tau = jnp.asarray(cfg.temperature if temperature is None else temperature, jnp.float32)
+        valid = jnp.ones((batch,), bool) if valid is None else valid
         rows = P(batch_axes)
 
-        def local(q, p, n, q_ids, p_ids, tau):
+        def local(q, p, n, q_ids, p_ids, valid, tau):
             gather = functools.partial(jax.lax.all_gather, axis_name=batch_axes, tiled=True)
             all_q, all_p = gather(q), gather(p)
-            all_q_ids, all_p_ids = gather(q_ids), gather(p_ids)
+            all_q_ids, all_p_ids, all_valid = gather(q_ids), gather(p_ids), gather(valid)
             offset = jax.lax.axis_index(batch_axes) * q.shape[0]
-            sums = _loss_sums(q, p, n, all_q_ids, all_p_ids, all_q, all_p, offset, cfg, tau)
+            sums = _loss_sums(
+                q, p, n, all_q_ids, all_p_ids, all_q, all_p, offset, cfg, tau, all_valid
+            )
             return jax.lax.psum(sums, batch_axes)
 
         n_spec = None if negatives is None else rows
         sums = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(rows, rows, n_spec, rows, rows, P()),
+            in_specs=(rows, rows, n_spec, rows, rows, rows, P()),
             out_specs=P(),
-        )(queries, positives, negatives, q_ids, p_ids, tau)
-        return _finish(*sums, batch, cfg)
+        )(queries, positives, negatives, q_ids, p_ids, valid, tau)
+        return _finish(*sums, valid, cfg)
 
     return loss

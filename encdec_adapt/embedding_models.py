@@ -4,7 +4,9 @@ trains them: `DualEncoderModel` (contrastive loss over the global batch) and `Cl
 Both report metric *sums* like the token models: loss_sum, weight and correct, where the weight
 is the number of rows (queries / examples) instead of target tokens, so `models.summarize`,
 logging and evaluation work unchanged ("accuracy" is in-batch top-1 retrieval of the positive for
-the dual encoder, classification accuracy for the classifier).
+the dual encoder, classification accuracy for the classifier). Rows whose tokens are all
+padding (an evaluation loop pads its last batch with them) count for nothing: they are neither
+examples nor in-batch candidates.
 
 Warm starts (`train.warm_start_from`) from a decoder-only or an adapted encoder-decoder params
 checkpoint go through `warm_start_params`: the towers / the encoder are copied from the source
@@ -54,6 +56,11 @@ def _batch_axes(rows: int) -> tuple[Any, tuple[str, ...]] | None:
     if spec is None:
         return None
     return mesh, (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def _valid_rows(tokens: jax.Array) -> jax.Array:
+    """[B, L] tokens -> [B] bool: False for rows of padding only."""
+    return jnp.any(tokens != 0, axis=1)
 
 
 def _key_data(key: jax.Array) -> jax.Array:
@@ -141,39 +148,39 @@ class DualEncoderModel(BaseModel):
             n = n.reshape(b, k, -1)
         return q, p, n
 
-    def _loss(self, q, p, n, temperature) -> tuple[jax.Array, dict]:
-        """Mean loss over the global batch (contrastive + spread-out) and its parts."""
+    def _loss(self, q, p, n, temperature, valid) -> tuple[jax.Array, dict]:
+        """Mean loss over the valid rows of the global batch (contrastive + spread-out)."""
         axes = _batch_axes(q.shape[0])
         fn = contrastive_loss if axes is None else sharded_contrastive_loss(*axes)
-        return fn(q, p, self.loss, negatives=n, temperature=temperature)
+        return fn(q, p, self.loss, negatives=n, temperature=temperature, valid=valid)
 
     @staticmethod
-    def _correct(q, p, n) -> jax.Array:
-        """Queries whose positive scores above every other in-batch positive and its own hard
-        negatives (full width)."""
+    def _correct(q, p, n, valid) -> jax.Array:
+        """Valid queries whose positive scores above every other valid in-batch positive and
+        the query's own hard negatives (full width)."""
         q, p = l2_normalize(q), l2_normalize(p)
         s = q @ p.T  # [B, B]
         pos = jnp.diagonal(s)
-        others = jnp.where(jnp.eye(s.shape[0], dtype=bool), -jnp.inf, s)
+        others = jnp.where(jnp.eye(s.shape[0], dtype=bool) | ~valid[None, :], -jnp.inf, s)
         best = jnp.max(others, axis=1)
         if n is not None:
             best = jnp.maximum(best, jnp.max(jnp.einsum("bd,bkd->bk", q, l2_normalize(n)), 1))
-        return jnp.sum((pos > best).astype(jnp.float32))
+        return jnp.sum(((pos > best) & valid).astype(jnp.float32))
 
-    def _metrics(self, loss, parts, q, p, n) -> Metrics:
-        rows = jnp.asarray(q.shape[0], jnp.float32)
+    def _metrics(self, loss, parts, q, p, n, valid) -> Metrics:
+        rows = jnp.sum(valid.astype(jnp.float32))
         return {
             "loss_sum": loss * rows,
             "contrastive_sum": parts["contrastive_loss"] * rows,
             "weight": rows,
-            "correct": self._correct(q, p, n),
+            "correct": self._correct(q, p, n, valid),
         }
 
     # ------------------------------------------------------------------ model API
 
     def loss_weight(self, batch: Batch) -> jax.Array:
         """Queries in the batch: the loss is a mean over queries."""
-        return jnp.asarray(batch["query_tokens"].shape[0], jnp.float32)
+        return jnp.sum(_valid_rows(batch["query_tokens"]).astype(jnp.float32))
 
     def count_tokens(self, batch: dict) -> int:
         """Non-padding tokens of queries, positives and negatives."""
@@ -186,16 +193,18 @@ class DualEncoderModel(BaseModel):
         if self.grad_cache_chunk:
             return self._grad_cache_loss(module, batch, rng, normalizer)
         q, p, n = self._embed_batch(module, batch, rng)
-        loss, parts = self._loss(q, p, n, module.temperature())
-        metrics = self._metrics(loss, parts, q, p, n)
+        valid = _valid_rows(batch["query_tokens"])
+        loss, parts = self._loss(q, p, n, module.temperature(), valid)
+        metrics = self._metrics(loss, parts, q, p, n, valid)
         if normalizer is None:
             normalizer = metrics["weight"]
         return metrics["loss_sum"] / normalizer, metrics
 
     def eval_fn(self, module, batch) -> Metrics:
         q, p, n = self._embed_batch(module, batch, None)
-        loss, parts = self._loss(q, p, n, module.temperature())
-        return self._metrics(loss, parts, q, p, n)
+        valid = _valid_rows(batch["query_tokens"])
+        loss, parts = self._loss(q, p, n, module.temperature(), valid)
+        return self._metrics(loss, parts, q, p, n, valid)
 
     def warm_start_params(self, source, source_type, fresh):
         """Towers from a decoder-only / encoder-decoder / classifier checkpoint."""
@@ -233,6 +242,7 @@ class DualEncoderModel(BaseModel):
                 f"rows"
             )
         model = self
+        valid = _valid_rows(feats["query_tokens"])
 
         def embed_all(p, f, r):
             return model._embed_batch(nnx.merge(graphdef, p, rest), f, r)
@@ -254,7 +264,7 @@ class DualEncoderModel(BaseModel):
         def loss_of(p, embs):
             q, pos, n = embs
             tau = nnx.merge(graphdef, p, rest).temperature()
-            loss, parts = model._loss(q, pos, n, tau)
+            loss, parts = model._loss(q, pos, n, tau, valid)
             return loss, (parts, q, pos, n)
 
         @jax.custom_vjp
@@ -292,7 +302,7 @@ class DualEncoderModel(BaseModel):
         total.defvjp(total_fwd, total_bwd)
         # raw key data: a typed key has no float0 cotangent to return
         loss, (parts, q, pos, n) = total(params, feats, None if rng is None else _key_data(rng))
-        metrics = self._metrics(loss, parts, q, pos, n)
+        metrics = self._metrics(loss, parts, q, pos, n, valid)
         if normalizer is None:
             normalizer = metrics["weight"]
         return metrics["loss_sum"] / normalizer, metrics
@@ -335,31 +345,35 @@ class ClassifierModel(BaseModel):
         """[B, C] float32 class logits."""
         return module(batch["encoder_input_tokens"], rng=rng)
 
-    def _sums(self, logits, labels, smoothing: float) -> Metrics:
+    def _sums(self, logits, batch, smoothing: float) -> Metrics:
+        labels = batch["labels"]
+        valid = _valid_rows(batch["encoder_input_tokens"]).astype(jnp.float32)
         c = logits.shape[-1]
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         target = jax.nn.one_hot(labels, c) * (1.0 - smoothing) + smoothing / c
         loss = -jnp.sum(target * logp, axis=-1)
+        right = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         return {
-            "loss_sum": jnp.sum(loss),
-            "weight": jnp.asarray(labels.shape[0], jnp.float32),
-            "correct": jnp.sum((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+            "loss_sum": jnp.sum(loss * valid),
+            "weight": jnp.sum(valid),
+            "correct": jnp.sum(right * valid),
         }
 
     def loss_weight(self, batch: Batch) -> jax.Array:
-        return jnp.asarray(batch["labels"].shape[0], jnp.float32)
+        """Examples in the batch (rows that are not all padding)."""
+        return jnp.sum(_valid_rows(batch["encoder_input_tokens"]).astype(jnp.float32))
 
     def count_tokens(self, batch: dict) -> int:
         return _count_nonpad(batch, ("encoder_input_tokens",))
 
     def loss_fn(self, module, batch, rng, normalizer=None):
-        sums = self._sums(self.logits(module, batch, rng), batch["labels"], self.label_smoothing)
+        sums = self._sums(self.logits(module, batch, rng), batch, self.label_smoothing)
         if normalizer is None:
             normalizer = sums["weight"]
         return sums["loss_sum"] / normalizer, sums
 
     def eval_fn(self, module, batch) -> Metrics:
-        return self._sums(self.logits(module, batch, None), batch["labels"], 0.0)
+        return self._sums(self.logits(module, batch, None), batch, 0.0)
 
     def warm_start_params(self, source, source_type, fresh):
         """The encoder from a decoder-only / encoder-decoder checkpoint; the head stays fresh."""

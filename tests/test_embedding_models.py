@@ -9,6 +9,7 @@ from flax import nnx
 
 from encdec_adapt import optim, params_io, sharding, trainer
 from encdec_adapt.config import ClassifierConfig, EncoderDecoderConfig, load_preset
+from encdec_adapt.contrastive import ContrastiveConfig
 from encdec_adapt.dual_encoder import DualEncoderConfig
 from encdec_adapt.embedding_models import ClassifierModel, DualEncoderModel, _batch_axes
 from encdec_adapt.encdec import EncoderDecoder
@@ -176,3 +177,30 @@ def test_classifier_learns_and_warm_starts(tmp_path):
     enc = params_io.flatten(params_io.model_params(encdec)["encoder"])
     for name, x in params_io.flatten(state.params["encoder"]).items():
         np.testing.assert_array_equal(x, enc[name], err_msg=name)
+
+
+def test_rows_of_padding_count_for_nothing():
+    """An eval loop pads its last batch with all-zero rows: metric sums must not change."""
+    from encdec_adapt.contrastive import contrastive_loss
+
+    cfg = ContrastiveConfig(same_tower_negatives=True, spread_out_weight=0.1)
+    rng = np.random.default_rng(0)
+    q, p = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    n = rng.normal(size=(6, 2, 8)).astype(np.float32)
+    want, _ = contrastive_loss(q, p, cfg, negatives=n)
+    pad = lambda x: np.concatenate([x, np.zeros((2, *x.shape[1:]), np.float32)])
+    valid = np.arange(8) < 6
+    got, _ = contrastive_loss(pad(q), pad(p), cfg, negatives=pad(n), valid=valid)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+
+    def pad_batch(b):
+        return {k: np.concatenate([v, np.zeros((2, *v.shape[1:]), v.dtype)]) for k, v in b.items()}
+
+    for model, batch in ((dual_model(), pair_batch(0, batch=6)), (classifier_model(), None)):
+        batch = batch or {k: v[:6] for k, v in class_batch(0).items()}
+        module = model.build(nnx.Rngs(0))
+        a = model.eval_fn(module, jax.tree.map(jnp.asarray, batch))
+        b = model.eval_fn(module, jax.tree.map(jnp.asarray, pad_batch(batch)))
+        assert float(a["weight"]) == float(b["weight"]) == 6
+        assert float(a["correct"]) == float(b["correct"])
+        np.testing.assert_allclose(float(b["loss_sum"]), float(a["loss_sum"]), rtol=1e-5)
