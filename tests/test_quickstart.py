@@ -18,6 +18,8 @@ from encdec_adapt.transformer import DecoderOnly
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL_FILE = os.path.join(REPO, "gin", "models", "gemma_tiny.gin")
+# 20 pretraining steps (checkpoints every 5: room to kill it mid-stage), 6 per adaptation.
+SCALE = 0.05
 
 
 def _train_synthetic(model_dir, steps=4):
@@ -86,9 +88,10 @@ def test_export_params_errors_name_the_culprit(synthetic_run, tmp_path, capsys):
 
 
 def test_budget_scaling_and_metrics_dedupe(tmp_path):
-    b = quickstart.Budget().scaled(0.02)
-    assert (b.pretrain_steps, b.adapt_steps, b.contrastive_steps) == (12, 6, 4)
-    assert b.batch_size == 4
+    b = quickstart.Budget().scaled(SCALE)
+    assert (b.pretrain_steps, b.adapt_steps, b.contrastive_steps) == (20, 6, 3)
+    assert b.batch_size == b.contrastive_batch_size == 4
+    assert quickstart.Budget().scaled(0.001).adapt_steps == 2  # min_steps
     full = quickstart.Budget().scaled(1)
     assert full == quickstart.Budget()
     with pytest.raises(ValueError, match="QUICKSTART_SCALE"):
@@ -108,7 +111,7 @@ def test_budget_scaling_and_metrics_dedupe(tmp_path):
 def _env(out):
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's machine
-    env.update(QUICKSTART_DIR=str(out), QUICKSTART_SCALE="0.02", TF_CPP_MIN_LOG_LEVEL="3")
+    env.update(QUICKSTART_DIR=str(out), QUICKSTART_SCALE=str(SCALE), TF_CPP_MIN_LOG_LEVEL="3")
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     return env
 
@@ -116,7 +119,7 @@ def _env(out):
 @pytest.mark.slow  # about 2 minutes on 2 quiet cores (7 compiled models), 4 when shared
 def test_quickstart_killed_mid_training_resumes_and_prints_the_table(embedded_corpus, tmp_path):
     out = tmp_path / "qs"
-    budget = quickstart.Budget().scaled(0.02)
+    budget = quickstart.Budget().scaled(SCALE)
     cmd = [sys.executable, "-m", "encdec_adapt.quickstart"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(out), stdout=log, stderr=subprocess.STDOUT)
@@ -159,3 +162,10 @@ def test_quickstart_killed_mid_training_resumes_and_prints_the_table(embedded_co
     assert third.returncode == 0, third.stderr[-3000:]
     assert "Resuming" not in third.stdout and "took" not in third.stdout
     assert "pretrain: finished" in third.stdout
+
+
+def test_a_directory_keeps_its_scale(tmp_path):
+    quickstart.Quickstart(str(tmp_path), 0.02).check_settings()
+    quickstart.Quickstart(str(tmp_path), 0.02).check_settings()  # same settings: fine
+    with pytest.raises(quickstart.QuickstartError, match=r"holds a quickstart run at scale 0\.02"):
+        quickstart.Quickstart(str(tmp_path), 0.5).check_settings()
