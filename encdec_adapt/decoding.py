@@ -53,6 +53,23 @@ class DecodeConfig:
 
     def __post_init__(self):
         problems = []
+        for name, kind in (
+            ("max_decode_len", int),
+            ("temperature", (int, float)),
+            ("top_k", int),
+            ("top_p", (int, float)),
+            ("beam_size", int),
+            ("length_penalty", (int, float)),
+            ("eos_id", int),
+            ("pad_id", int),
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                problems.append(
+                    f"{name}={value!r} (must be {'an int' if kind is int else 'a number'})"
+                )
+        if problems:  # the range checks below need numbers
+            raise ValueError("Invalid DecodeConfig: " + "; ".join(problems))
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} (choose from {METHODS})")
         if self.max_decode_len < 1:
@@ -282,6 +299,24 @@ def decoder_only_start(
         return logits[:, 0], DecoderOnlyState(cache, state.next_positions + 1)
 
     return step_fn, last, DecoderOnlyState(cache, prompt_lengths.astype(jnp.int32))
+
+
+def decoder_only_prompts(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The prompts of a decoder-only batch: (tokens [B, L], lengths [B]).
+
+    A row's prompt is its `decoder_target_tokens` before the first position with a loss weight
+    (the inputs of a prefix-LM row: seqio's PrefixLMFeatureConverter, JSONL inputs with
+    targets), or all its non-padding tokens when no position has one (JSONL prompts without
+    targets). Lengths are at least 1 (an all-padding row decodes from token 0; its output is
+    not written).
+    """
+    tokens = batch["decoder_target_tokens"]
+    weights = batch.get("decoder_loss_weights")
+    weighted = jnp.zeros(tokens.shape, bool) if weights is None else weights > 0
+    first_weighted = jnp.argmax(weighted, axis=1)
+    non_padding = jnp.sum(tokens != 0, axis=1)
+    lengths = jnp.where(jnp.any(weighted, axis=1), first_weighted, non_padding)
+    return tokens, jnp.maximum(lengths, 1).astype(jnp.int32)
 
 
 class EncoderDecoderState(NamedTuple):

@@ -11,6 +11,8 @@ checkpoint (`params_from`). The command line lives in `train.py` with `train`'s.
 
 from __future__ import annotations
 
+import json
+
 import gin
 import jax
 import numpy as np
@@ -24,6 +26,7 @@ from encdec_adapt import (
     params_io,
     sharding,
 )
+from encdec_adapt.jsonl_inputs import JsonlInputs
 from encdec_adapt.metrics_log import MetricsLogger
 from encdec_adapt.models import BaseModel
 from encdec_adapt.train import _require, _write_text
@@ -53,13 +56,23 @@ def evaluate(
     params_from: str | None = None,
     mesh_rules: sharding.MeshRules = sharding.MeshRules(),  # noqa: B008 - frozen
     eval_batches: int | None = None,
+    task_metric_fns: bool = True,
+    decode: decoding.DecodeConfig | None = decoding.DecodeConfig(),  # noqa: B008 - frozen
+    seed: int = 0,
 ) -> dict[str, float]:
-    """Loss / accuracy of the newest checkpoint of `model_dir` (or of `params_from`) on
-    `eval_data`; printed and appended to MODEL_DIR/metrics.jsonl as split "eval"."""
+    """Metrics of the newest checkpoint of `model_dir` (or of `params_from`) on `eval_data`;
+    printed and appended to MODEL_DIR/metrics.jsonl as split "eval".
+
+    Loss / accuracy always; with `task_metric_fns`, the seqio task's metric functions too
+    (`evaluation.task_metrics`): its predict metrics decode with `decode` (None: skip them),
+    its score metrics score the targets.
+    """
     _require("evaluate", model_dir=model_dir, params_from=params_from)
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)
-    result = evaluation.loss_metrics(trainer, params, eval_data, eval_batches)
+    result = evaluation.run_eval(
+        trainer, params, eval_data, eval_batches, decode, task_metric_fns, seed
+    )
     if model_dir:
         logger = MetricsLogger(model_dir, 0, tensorboard=False)
         logger.write(0, result, "eval")
@@ -84,78 +97,93 @@ def infer(
     seed: int = 0,
 ) -> int:
     """Scores or decodes every example of `infer_data`, one JSON line per example in
-    `output_file`; returns the number of examples.
+    `output_file`; returns the number of examples written.
 
-    mode "score": {"index", "log_likelihood", "tokens"} of the given targets.
-    mode "predict": {"index", "inputs", "prediction", "prediction_ids", "score"} (texts decoded
-    with the task's vocabularies; with beam search, the best beam).
+    Args:
+      infer_data: an input_pipeline.DataConfig (a seqio task) or a jsonl_inputs.JsonlInputs
+        (raw texts; each record then also has "line", the input text as given, "truncated"
+        (the features that were cut) and "empty_input").
+      mode: "score": {"index", "log_likelihood", "tokens"} of the given targets;
+        "predict": {"index", "inputs", "prediction", "prediction_ids", "score"} (texts decoded
+        with the task's or the JSONL vocabularies; with beam search, the best beam). An
+        encoder-decoder decodes from its inputs; a decoder-only model continues its prompt
+        (the prefix-LM inputs of a seqio task, the input text of a JSONL line).
+      num_batches: stop after this many batches (None: all).
+      decode: decoding options (predict); seed: sampling key.
+
+    Rows that pad the last batch are not written. Truncated inputs are counted and the counts
+    printed at the end.
     """
-    import json
-
     _require("infer", model_dir=model_dir, params_from=params_from, output_file=output_file)
     if mode not in ("score", "predict"):
         raise ValueError(f"infer.mode={mode!r}: choose 'score' or 'predict'")
+    jsonl = isinstance(infer_data, JsonlInputs)
+    if jsonl and mode == "score" and not infer_data.target_key:
+        raise ValueError(
+            "Invalid JsonlInputs: target_key=None, but infer.mode='score' needs targets "
+            "(e.g. JsonlInputs.target_key = 'targets')"
+        )
+    # The data first: a bad file or task name fails before any compute.
+    iterator = input_pipeline.make_iterator(infer_data)
+    vocabs = iterator.vocabs if jsonl else input_pipeline.vocabularies(infer_data.task)
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)
-    if mode == "score":
-        score = trainer.score_fn()
-    else:
-        predict = trainer.predict_fn(decode)
-        vocabs = input_pipeline.vocabularies(infer_data.task)
-    count = 0
+    in_eos, out_eos = vocabs["inputs"].eos_id, vocabs["targets"].eos_id
     lines = []
-    for i, local in enumerate(input_pipeline.make_iterator(infer_data)):
-        if num_batches is not None and i >= num_batches:
-            break
-        batch = trainer.shard_batch(local)
-        with sharding.use_mesh(trainer.mesh, trainer.rules):
-            if mode == "score":
-                scores = _to_host(score(params, batch))
+    for result in evaluation.run_batches(
+        trainer,
+        params,
+        infer_data,
+        predict=mode == "predict",
+        score=mode == "score",
+        decode_cfg=decode,
+        seed=seed,
+        num_batches=num_batches,
+        iterator=iterator,
+    ):
+        examples = iterator.batch_examples(result.index) if jsonl else None
+        for row in np.flatnonzero(result.valid):
+            record = {"index": len(lines)}
+            if jsonl:
+                ex = examples[row]
+                record.update(line=ex.line, inputs=ex.inputs)
+                if ex.targets is not None:
+                    record["targets"] = ex.targets
             else:
-                out = predict(params, batch, jax.random.fold_in(jax.random.key(seed), i))
-                tokens, scores = _to_host(out.tokens), _to_host(out.scores)
-        if mode == "score":
-            weights = _to_host(
-                batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
-            )
-            for s, w in zip(scores, np.sum(weights, axis=-1)):
-                record = {"index": count, "log_likelihood": float(s), "tokens": int(w)}
-                lines.append(json.dumps(record))
-                count += 1
-            continue
-        if tokens.ndim == 3:  # beams, best first
-            tokens, scores = tokens[:, 0], scores[:, 0]
-        inputs = _to_host(batch["encoder_input_tokens"])
-        for row_in, row_out, s in zip(inputs, tokens, scores):
-            ids = _until_eos(row_out, decode.eos_id)
-            record = {
-                "index": count,
-                "inputs": vocabs["inputs"].decode(_until_eos(row_in, decode.eos_id)),
-                "prediction": vocabs["targets"].decode(ids),
-                "prediction_ids": ids,
-                "score": float(s),
-            }
+                ids = evaluation.input_ids(result.features, row, in_eos)
+                record["inputs"] = vocabs["inputs"].decode(ids)
+            if mode == "score":
+                target = evaluation.target_ids(result.features, row, out_eos)
+                record["log_likelihood"] = float(result.log_likelihood[row])
+                record["tokens"] = len(target) + 1  # + EOS (scored too)
+            else:
+                ids = evaluation.until_eos(result.tokens[row], decode.eos_id)
+                record["prediction"] = vocabs["targets"].decode(ids)
+                record["prediction_ids"] = ids
+                record["score"] = float(result.scores[row])
+            if jsonl:
+                record.update(truncated=ex.truncated, empty_input=ex.empty_input)
             lines.append(json.dumps(record))
-            count += 1
     _write_text(output_file, "\n".join(lines) + "\n")
-    return count
+    if jax.process_index() == 0:
+        print(f"infer: {len(lines)} examples ({mode}) written to {output_file}", flush=True)
+        print(f"infer: {_cut_summary(iterator if jsonl else None)}", flush=True)
+    return len(lines)
 
 
-def _until_eos(ids: np.ndarray, eos_id: int) -> list[int]:
-    """Token ids before the first EOS, padding (0) removed."""
-    out = []
-    for t in ids.tolist():
-        if t == eos_id:
-            break
-        if t != 0:
-            out.append(t)
-    return out
+def _cut_summary(jsonl_iterator) -> str:
+    """What was cut or flagged: a JSONL file's counts, or the seqio converters' counters."""
+    if jsonl_iterator is not None:
+        counts = jsonl_iterator.counts()
+        lengths = jsonl_iterator.cfg.task_feature_lengths
+        return (
+            f"{counts['truncated/inputs']} inputs truncated to {lengths['inputs']} tokens, "
+            f"{counts['truncated/targets']} targets truncated to {lengths['targets']} tokens, "
+            f"{counts['empty_inputs']} empty inputs (decoded from EOS)"
+        )
+    from encdec_adapt.data.counters import COUNTERS
 
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    """The full value of a global array on every process."""
-    if x.is_fully_addressable or x.is_fully_replicated:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    cut = {k: v for k, v in COUNTERS.result().items() if k.startswith(("truncated", "dropped"))}
+    return "cut by the feature converter: " + (
+        ", ".join(f"{k} {v}" for k, v in cut.items()) or "nothing"
+    )

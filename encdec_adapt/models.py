@@ -268,6 +268,15 @@ class DecoderOnlyModel(BaseModel):
         )
         return logits
 
+    def predict_batch(self, module, batch, decode_cfg, rng=None) -> decoding.Decoded:
+        """Continues each row's prompt (`decoding.decoder_only_prompts`: the prefix-LM inputs,
+        or the whole row when no position has a loss weight); KV cache, fixed shapes."""
+        prompts, lengths = decoding.decoder_only_prompts(batch)
+        step_fn, init_logits, state = decoding.decoder_only_start(
+            module, prompts, lengths, decode_cfg.max_decode_len
+        )
+        return decoding.decode(step_fn, init_logits, state, decode_cfg, rng)
+
     def flops_per_token(self, lengths: dict[str, int]) -> float:
         """6 * matmul params + attention (12 * layers * T * heads * head_dim), per token."""
         c = self.config

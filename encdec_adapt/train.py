@@ -22,7 +22,7 @@ import gin
 import jax
 import numpy as np
 
-from encdec_adapt import checkpoints, evaluation, input_pipeline, optim, sharding
+from encdec_adapt import checkpoints, decoding, evaluation, input_pipeline, optim, sharding
 from encdec_adapt.metrics_log import MetricsLogger
 from encdec_adapt.models import BaseModel, summarize
 from encdec_adapt.trainer import Trainer
@@ -91,6 +91,7 @@ def train(
     eval_data=None,
     eval_every: int = 0,
     eval_batches: int | None = 10,
+    eval_decode: decoding.DecodeConfig | None = None,
     peak_flops_per_device: float | None = None,
     tensorboard: bool = True,
     stop_after: int | None = None,
@@ -109,7 +110,10 @@ def train(
         steps since the previous log).
       warm_start_from: a params checkpoint (params_io format, e.g. from `import-hf`) whose
         parameters initialise a *fresh* run; ignored when resuming (the checkpoint wins).
-      eval_data / eval_every / eval_batches: periodic evaluation (0 = never).
+      eval_data / eval_every / eval_batches: periodic evaluation (0 = never): loss metrics,
+        and the score metric functions of a seqio eval task that has them.
+      eval_decode: decoding options for the eval task's predict metric functions (None: they
+        do not run; decoding during training costs time).
       peak_flops_per_device: the accelerator's peak FLOP/s, for MFU (None: MFU not reported).
       stop_after: stop (with a checkpoint) after this many steps of *this* invocation; used to
         simulate preemption in tests. Not settable from gin.
@@ -199,7 +203,9 @@ def train(
             if eval_data is not None and eval_every and step % eval_every == 0:
                 logger.write(
                     step,
-                    evaluation.loss_metrics(trainer, state.params, eval_data, eval_batches),
+                    evaluation.run_eval(
+                        trainer, state.params, eval_data, eval_batches, eval_decode, seed=seed
+                    ),
                     "eval",
                 )
             if (saving or stopping) and ckpt.save(step, state, data.get_state(), force=True):

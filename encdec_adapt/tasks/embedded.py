@@ -13,6 +13,7 @@ Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a
   stdlib_code_match        label 1 for its own function, 0 for a hard negative of the same module
   stdlib_code_match_other  label 0 for a function of another example (usually another module)
   stdlib_doc_topic         docstring summary -> its package, one of classification.TOPICS (8)
+Evaluation (with seqio metric functions): see encdec_adapt.tasks.metric_tasks
 Mixtures:
   stdlib_pretraining       span corruption + PrefixLM, equal rates
 """
@@ -81,6 +82,9 @@ def register(overwrite: bool = True) -> None:
     registry.register_mixture(
         "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
     )
+    from encdec_adapt.tasks import metric_tasks  # copies of the above with metric functions
+
+    metric_tasks.register(overwrite)
 
 
 register()
