@@ -170,12 +170,16 @@ class EncoderDecoderConfig:
       merged_attention: T5Gemma 2 variant: the decoder's self-attention also attends to the
         encoder outputs through the same projections, one softmax over both (needs equal
         embed_dim); there is no separate cross-attention sub-block.
+      encoder_causal: ablation switch: the encoder's self-attention is causal (local layers:
+        the causal window q - k < window) instead of bidirectional. T5Gemma reports that a
+        causal encoder costs quality; `scripts/reproduce.py` measures it. No HF equivalent.
     """
 
     encoder: GemmaConfig = dataclasses.field(default_factory=GemmaConfig)
     decoder: GemmaConfig = dataclasses.field(default_factory=GemmaConfig)
     tie_encoder_decoder_embeddings: bool = False
     merged_attention: bool = False
+    encoder_causal: bool = False
 
     def __post_init__(self):
         for name in ("encoder", "decoder"):
@@ -219,6 +223,7 @@ class EncoderDecoderConfig:
             "decoder": self.decoder.to_dict(),
             "tie_encoder_decoder_embeddings": self.tie_encoder_decoder_embeddings,
             "merged_attention": self.merged_attention,
+            "encoder_causal": self.encoder_causal,
         }
 
     @classmethod

@@ -100,16 +100,19 @@ def project_cross_kv(attn: Attention, encoded: jax.Array) -> KV:
 
 
 class EncoderStack(Stack):
-    """A bidirectional Gemma stack.
+    """A bidirectional Gemma stack (causal with `causal=True`, an ablation).
 
     HF T5Gemma's bidirectional sliding window is inclusive, |q - k| <= window, while
     `attention_mask(causal=False)` keeps |q - k| < window; HF wins (parity test), hence window + 1.
+    A causal encoder uses the decoder-only window, q - k < window, as its source LM did.
     """
 
-    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
-        super().__init__(cfg, causal=False, rngs=rngs)
+    def __init__(self, cfg: GemmaConfig, *, causal: bool = False, rngs: nnx.Rngs):
+        super().__init__(cfg, causal=causal, rngs=rngs)
 
     def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, jax.Array]:
+        if self.causal:
+            return super().masks(q_pos, q_seg, k_pos, k_seg)
         out = {}
         for t in set(b.attention_type for b in self.blocks):
             window = self.sliding_window + 1 if t == AttentionType.LOCAL else None
@@ -118,14 +121,18 @@ class EncoderStack(Stack):
 
 
 class Encoder(nnx.Module):
-    """Token embedding and a bidirectional Gemma stack: [B, S] tokens -> [B, S, D] states."""
+    """Token embedding and a bidirectional Gemma stack: [B, S] tokens -> [B, S, D] states.
 
-    def __init__(self, cfg: GemmaConfig, *, rngs: nnx.Rngs):
+    `causal=True` (EncoderDecoderConfig.encoder_causal) makes every position see only itself
+    and earlier positions: the "keep the decoder-only mask" ablation of T5Gemma.
+    """
+
+    def __init__(self, cfg: GemmaConfig, *, causal: bool = False, rngs: nnx.Rngs):
         self.config = cfg
         self.embedder = layers.Embedder(
             cfg.vocab_size, cfg.embed_dim, param_dtype=cfg.weight_dtype, rngs=rngs
         )
-        self.stack = EncoderStack(cfg, rngs=rngs)
+        self.stack = EncoderStack(cfg, causal=causal, rngs=rngs)
 
     def __call__(
         self,
@@ -296,7 +303,7 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, cfg: EncoderDecoderConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.encoder = Encoder(cfg.encoder, rngs=rngs)
+        self.encoder = Encoder(cfg.encoder, causal=cfg.encoder_causal, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
 
     @property

@@ -73,6 +73,8 @@ def check_exportable(cfg: EncoderDecoderConfig, source: str = "model") -> None:
     problems = []
     if cfg.tie_encoder_decoder_embeddings or cfg.merged_attention:
         problems.append("T5Gemma 2 variant switches (tied embeddings / merged attention)")
+    if cfg.encoder_causal:
+        problems.append("the encoder is causal (encoder_causal, an ablation)")
     for side, c in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
         if c.use_qk_norm:
             problems.append(f"{side} uses QK-norm")
