@@ -1,0 +1,115 @@
+"""seqio metric functions in evaluation: the metric functions themselves, and the evaluator
+calling a task's predict / score metric functions with the decoded targets, the greedy
+predictions and the scores of the same rows that `infer` would produce."""
+
+import numpy as np
+import pytest
+
+from encdec_adapt import evaluation, input_pipeline, load_encdec_preset, models, optim, sharding
+from encdec_adapt.data import metrics
+from encdec_adapt.decoding import DecodeConfig
+from encdec_adapt.tasks import metric_tasks
+from encdec_adapt.trainer import Trainer
+
+
+def test_metric_functions():
+    assert metrics.sequence_accuracy(["a b", "c"], ["a b", "d"])["sequence_accuracy"] == 50.0
+    f1 = metrics.token_f1(["the cat sat", "x"], ["the cat", "y"])["token_f1"]
+    np.testing.assert_allclose(f1, 100 * (0.8 + 0.0) / 2)
+    ll = metrics.mean_log_likelihood(["a", "b"], [-1.0, -3.0])
+    assert list(ll.values()) == [-2.0]
+    with pytest.raises(ValueError):
+        metrics.sequence_accuracy(["a"], ["a", "b"])
+
+
+def test_task_metrics_get_decoded_targets_predictions_and_scores():
+    seen = {}
+
+    def record_predictions(targets, predictions):
+        seen["predict"] = (list(targets), list(predictions))
+        return {"n_predicted": len(predictions)}
+
+    def record_scores(targets, scores):
+        seen["score"] = (list(targets), list(scores))
+        return {"n_scored": len(scores)}
+
+    metric_tasks.register_with_metrics(
+        "test_recording_eval", "stdlib_prefix_lm", [record_predictions, record_scores]
+    )
+    model = models.EncoderDecoderModel(config=load_encdec_preset("t5gemma_tiny"))
+    rules = sharding.MeshRules()
+    trainer = Trainer(model, optim.OptimizerConfig(), rules.make_mesh(), rules)
+    params = trainer.init_state().params
+    data = input_pipeline.DataConfig(
+        task="test_recording_eval",
+        batch_size=3,
+        task_feature_lengths={"inputs": 32, "targets": 16},
+        split="validation",
+        feature_converter="encdec",
+        shuffle=False,
+        repeat=False,
+    )
+    decode = DecodeConfig(method="greedy", max_decode_len=16)
+    out = evaluation.run_eval(trainer, params, data, 2, decode)
+    assert out["n_predicted"] == out["n_scored"] == 6
+    assert {"loss", "accuracy"} <= set(out)
+
+    # the same rows, decoded and scored directly
+    vocab = input_pipeline.vocabularies("stdlib_prefix_lm")["targets"]
+    rows = evaluation.run_batches(
+        trainer, params, data, predict=True, score=True, decode_cfg=decode, num_batches=2
+    )
+    targets, predictions, scores = [], [], []
+    for r in rows:
+        for i in np.flatnonzero(r.valid):
+            targets.append(vocab.decode(evaluation.target_ids(r.features, i, vocab.eos_id)))
+            predictions.append(vocab.decode(evaluation.until_eos(r.tokens[i], vocab.eos_id)))
+            scores.append(float(r.log_likelihood[i]))
+    assert seen["predict"] == (targets, predictions)
+    assert seen["score"][0] == targets
+    np.testing.assert_allclose(seen["score"][1], scores, rtol=1e-6)
+    assert all(t for t in targets)  # real text, not empty decodes
+
+
+def test_periodic_eval_in_train_logs_task_metrics(tmp_path):
+    import json
+
+    from encdec_adapt import train as train_lib
+
+    metric_tasks.register_with_metrics(
+        "test_counting_eval",
+        "stdlib_prefix_lm",
+        [
+            lambda targets, predictions: {"n_predicted": len(predictions)},
+            lambda targets, scores: {"n_scored": len(scores)},
+        ],
+    )
+
+    def data(task, split, repeat):
+        return input_pipeline.DataConfig(
+            task=task,
+            batch_size=2,
+            task_feature_lengths={"inputs": 32, "targets": 16},
+            split=split,
+            feature_converter="encdec",
+            shuffle=False,
+            repeat=repeat,
+        )
+
+    train_lib.train(
+        model_dir=str(tmp_path),
+        model=models.EncoderDecoderModel(config=load_encdec_preset("t5gemma_tiny")),
+        train_data=data("stdlib_prefix_lm", "train", True),
+        num_steps=2,
+        log_every=1,
+        eval_data=data("test_counting_eval", "validation", False),
+        eval_every=2,
+        eval_batches=1,
+        eval_decode=DecodeConfig(method="greedy", max_decode_len=8),
+        tensorboard=False,
+    )
+    with open(tmp_path / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0]["step"] == 2
+    assert evals[0]["n_predicted"] == evals[0]["n_scored"] == 2
+    assert np.isfinite(evals[0]["loss"])
