@@ -39,8 +39,8 @@ RUN_MODEL = {
     "adapt_prefixlm.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "adapt_ul2.gin": (ENCDEC_FILE, []),
     "predict.gin": (ENCDEC_FILE, []),
-    "reproduce_prefixlm_kd.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "reproduce_ul2.gin": (ENCDEC_FILE, []),
+    "reproduce_prefixlm_kd.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "infer_jsonl.gin": (ENCDEC_FILE, []),
 }
 
