@@ -128,7 +128,9 @@ def infer(
     vocabs = iterator.vocabs if jsonl else input_pipeline.vocabularies(infer_data.task)
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)
-    in_eos, out_eos = vocabs["inputs"].eos_id, vocabs["targets"].eos_id
+    # A decoder-only task has only "targets": its prompts (if any) use the same vocabulary.
+    in_vocab = vocabs.get("inputs", vocabs["targets"])
+    in_eos, out_eos = in_vocab.eos_id, vocabs["targets"].eos_id
     lines = []
     for result in evaluation.run_batches(
         trainer,
@@ -151,7 +153,7 @@ def infer(
                     record["targets"] = ex.targets
             else:
                 ids = evaluation.input_ids(result.features, row, in_eos)
-                record["inputs"] = vocabs["inputs"].decode(ids)
+                record["inputs"] = in_vocab.decode(ids)
             if mode == "score":
                 target = evaluation.target_ids(result.features, row, out_eos)
                 record["log_likelihood"] = float(result.log_likelihood[row])
