@@ -9,6 +9,11 @@ Parameter paths (`params_io.flatten` form):
   doc_tower/{embedder,stack}/...       only with separate towers
   query_projection/layers/{i}/kernel   [D_in, D_out]; doc_projection/... only with "separate"
   pooler/query                         [D] (attention pooling only)
+
+Lexical pooling (SPLADE-style) scores every vocabulary entry at every token with the tower's own
+tied embedding, w[t, v] = log(1 + relu(h_t . E_v)), and max-pools over tokens: a [V]-wide vector
+whose coordinates are terms. It adds no parameters and reuses the pretrained LM head, so a
+warm-started tower matches identifiers the way a lexical ranker does and learns term expansion.
   log_temperature                      [] (learned temperature only)
 """
 
@@ -37,7 +42,7 @@ class TowerSharing(enum.StrEnum):
     SEPARATE_SHARED_PROJECTION = "separate_shared_projection"  # ADE-SPL
 
 
-POOLINGS = (*(str(p) for p in Pooling), "attention")
+POOLINGS = (*(str(p) for p in Pooling), "attention", "lexical")
 
 
 @gin.configurable
@@ -48,7 +53,8 @@ class DualEncoderConfig:
     Attributes:
       tower: the Gemma encoder of each tower (attention made bidirectional).
       sharing: "shared", "separate" or "separate_shared_projection".
-      pooling: "mean", "first", "last" or "attention" (a learned query scores the tokens).
+      pooling: "mean", "first", "last", "attention" (a learned query scores the tokens) or
+        "lexical" (max over tokens of log(1 + relu(tied vocabulary logits)): [V]-wide vectors).
       projection_dims: output widths of the bias-free projection layers, e.g. (768,) or
         (3072, 768); () keeps the pooled width.
       learn_temperature: adds a learned log-temperature parameter, initialised at
@@ -79,8 +85,13 @@ class DualEncoderConfig:
         object.__setattr__(self, "projection_dims", tuple(self.projection_dims))
 
     @property
+    def pooled_dim(self) -> int:
+        """Width of the pooled vector, before the projection."""
+        return self.tower.vocab_size if self.pooling == "lexical" else self.tower.embed_dim
+
+    @property
     def embedding_dim(self) -> int:
-        return self.projection_dims[-1] if self.projection_dims else self.tower.embed_dim
+        return self.projection_dims[-1] if self.projection_dims else self.pooled_dim
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -138,6 +149,17 @@ class AttentionPooler(nnx.Module):
         return jnp.einsum("bs,bsd->bd", weights, h).astype(hidden.dtype)
 
 
+def lexical_pool(hidden: jax.Array, segment_ids: jax.Array, embedding: jax.Array) -> jax.Array:
+    """[B, S, D] token states, [B, S] segment ids, [V, D] tied embedding -> [B, V] term weights.
+
+    max over non-padding tokens of log(1 + relu(logits)), in float32; weights are >= 0, so a row
+    of padding only pools to zeros.
+    """
+    logits = jnp.einsum("bsd,vd->bsv", hidden.astype(jnp.float32), embedding.astype(jnp.float32))
+    weights = jnp.log1p(jax.nn.relu(logits)) * (segment_ids != 0)[..., None]
+    return jnp.max(weights, axis=1)
+
+
 class DualEncoder(nnx.Module):
     """Query and document towers: tokens [B, S] -> embeddings [B, E]."""
 
@@ -149,11 +171,11 @@ class DualEncoder(nnx.Module):
         self.doc_tower = Encoder(cfg.tower, rngs=rngs) if separate else None
         if cfg.projection_dims:
             self.query_projection = Projection(
-                cfg.tower.embed_dim, cfg.projection_dims, param_dtype=pd, rngs=rngs
+                cfg.pooled_dim, cfg.projection_dims, param_dtype=pd, rngs=rngs
             )
             own = cfg.sharing == TowerSharing.SEPARATE
             self.doc_projection = (
-                Projection(cfg.tower.embed_dim, cfg.projection_dims, param_dtype=pd, rngs=rngs)
+                Projection(cfg.pooled_dim, cfg.projection_dims, param_dtype=pd, rngs=rngs)
                 if own
                 else None
             )
@@ -197,6 +219,8 @@ class DualEncoder(nnx.Module):
         encoded = tower(tokens, segment_ids=segment_ids, rng=rng)
         if self.pooler is not None:
             x = self.pooler(encoded.hidden, encoded.segment_ids)
+        elif self.config.pooling == "lexical":
+            x = lexical_pool(encoded.hidden, encoded.segment_ids, tower.embedder.embedding[...])
         else:
             x = pool(encoded.hidden, encoded.segment_ids, Pooling(self.config.pooling))
         x = x.astype(jnp.float32)

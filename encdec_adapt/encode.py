@@ -65,8 +65,8 @@ class TextEncoder:
         self._embed = embed
 
     def tokenize(self, text: str, prompt: str = "", max_length: int | None = None) -> list[int]:
-        """prompt + text -> ids + [EOS], cut to max_length (an empty text is just [EOS], or
-        the prompt's ids and EOS). Counts into `stats`."""
+        """prompt + text -> ids + [EOS], cut to the first max_length tokens (as in training; an
+        empty text is just [EOS], or the prompt's ids and EOS). Counts into `stats`."""
         ids, _ = self._tokenize(text, prompt, max_length or self.max_length)
         return ids
 
@@ -76,11 +76,14 @@ class TextEncoder:
         ids = list(self.vocabulary.encode(prompt + text)) if (prompt + text) else []
         self.stats.texts += 1
         self.stats.empty += not text.strip()
-        cut = len(ids) + 1 > max_length
+        ids.append(self.eos_id)
+        cut = len(ids) > max_length
         if cut:
+            # The first max_length tokens, EOS lost, exactly as the training pipeline (seqio's
+            # append_eos, then the feature converter's cut) gives the towers a long text.
             self.stats.truncated += 1
-            ids = ids[: max_length - 1]
-        return [*ids, self.eos_id], cut
+            ids = ids[:max_length]
+        return ids, cut
 
     def encode(
         self,

@@ -28,7 +28,7 @@ def make(**kw):
 
 
 @pytest.mark.parametrize("sharing", ["shared", "separate", "separate_shared_projection"])
-@pytest.mark.parametrize("pooling", ["mean", "first", "last", "attention"])
+@pytest.mark.parametrize("pooling", ["mean", "first", "last", "attention", "lexical"])
 def test_towers_embed_unit_vectors(sharing, pooling):
     _, model = make(sharing=sharing, pooling=pooling, projection_dims=(32, 16))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, size=(3, 9)))
@@ -47,8 +47,24 @@ def test_towers_embed_unit_vectors(sharing, pooling):
         assert not np.allclose(q, d)
 
 
-def test_padding_does_not_leak():
-    _, model = make(pooling="mean", projection_dims=(16,))
+def test_lexical_pooling_matches_numpy_reference():
+    cfg, model = make(pooling="lexical")
+    assert cfg.embedding_dim == TOWER.vocab_size
+    tokens = jnp.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 0, 0, 0, 0]])
+    got = model(tokens, normalize=False)
+    hidden = np.asarray(model.query_tower(tokens).hidden, np.float64)
+    table = np.asarray(model.query_tower.embedder.embedding[...], np.float64)
+    want = np.zeros((2, TOWER.vocab_size))
+    for b in range(2):
+        n = int((tokens[b] != 0).sum())
+        want[b] = np.log1p(np.maximum(hidden[b, :n] @ table.T, 0)).max(axis=0)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    assert (got >= 0).all() and (got > 0).any()
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lexical"])
+def test_padding_does_not_leak(pooling):
+    _, model = make(pooling=pooling, projection_dims=(16,))
     tokens = jnp.asarray([[5, 6, 7, 0, 0, 0]])
     more_padding = jnp.asarray([[5, 6, 7, 0, 0, 0, 0, 0, 0, 0]])
     junk_in_padding = jnp.asarray([[5, 6, 7, 9, 9, 9]])
@@ -107,6 +123,10 @@ def test_encode_empty_long_and_truncate_dim(encoder):
     assert out.shape == (3, 8)
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-5)
     assert encoder.stats.empty == 1 and encoder.stats.truncated == 1
+    # A long text keeps its first max_length tokens and loses EOS, as the training pipeline
+    # (append EOS, then cut) gives it to the towers; a short one ends in EOS.
+    assert encoder.tokenize("x" * 100) == [ord("x") + 3] * 24
+    assert encoder.tokenize("ab") == [ord("a") + 3, ord("b") + 3, 1]
     np.testing.assert_allclose(
         encoder.encode(["x" * 100]), encoder.encode(["x" * 200]), atol=1e-6
     )  # both cut to the same 23 tokens + EOS
