@@ -44,7 +44,6 @@ RECIPE = [
     "ContrastiveConfig.temperature = 0.05",
 ]
 TRAIN_RECIPE = [
-    'TRAIN_TASK = "stdlib_code_search"',
     "BATCH_SIZE = 128",
     "OptimizerConfig.learning_rate = 3e-3",
     "train.eval_every = 0",
@@ -114,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         "--pretrain_gin", action="append", default=[], help="decoder pretraining binding"
     )
     parser.add_argument("--split", default="test")
+    parser.add_argument("--task", default="stdlib_code_search", help="contrastive task")
     args = parser.parse_args(argv)
     work = os.path.abspath(args.workdir)
     os.makedirs(work, exist_ok=True)
@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--gin.TRAIN_STEPS={args.train_steps}",
             "--gin.train.tensorboard=False",
             *model_flags,
+            f"--gin.TRAIN_TASK={args.task!r}",
             *gin_flags(TRAIN_RECIPE + args.train_gin),
         ],
         os.path.join(work, "contrastive.log"),
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             f"--gin_file={MODEL_FILE}",
             "--gin_file=gin/runs/embed.gin",
             f"--gin.MODEL_DIR={towers_dir}",
-            "--gin.TASK=stdlib_code_search",
+            f"--gin.TASK={args.task}",
             f"--gin.embed.split={args.split}",
             f"--gin.OUTPUT_DIR={eval_dir}",
             f"--gin.embed.untrained_from={decoder}",

@@ -9,6 +9,8 @@ Pretraining (source `stdlib_prose`, field `text`, the embedded 4096-id vocabular
 Contrastive (source `stdlib_code_search`): docstring summary line -> function source
   stdlib_code_search               in-batch negatives only
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
+  stdlib_code_search_subtokens       queries and code with identifiers split into words
+                                     (data.identifiers: read_file -> read file)
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
   stdlib_code_match        label 1 for its own function, 0 for a hard negative of the same module
   stdlib_code_match_other  label 0 for a function of another example (usually another module)
@@ -22,7 +24,7 @@ import functools
 
 import seqio
 
-from encdec_adapt.data import classification, registry, span_corruption, text
+from encdec_adapt.data import classification, identifiers, registry, span_corruption, text
 
 QUERY_PROMPT = "task: code retrieval | query: "
 DOCUMENT_PROMPT = "title: none | text: "
@@ -69,6 +71,13 @@ def register(overwrite: bool = True) -> None:
             document_prompt=DOCUMENT_PROMPT,
             overwrite=overwrite,
         )
+    registry.register_contrastive_task(
+        "stdlib_code_search_subtokens",
+        identifiers.split_identifiers_source(registry.data_source("stdlib_code_search")),
+        query_prompt=QUERY_PROMPT,
+        document_prompt=DOCUMENT_PROMPT,
+        overwrite=overwrite,
+    )
     registry.register_classification_task(
         "stdlib_doc_topic", "stdlib_code_search", classification.module_topic, overwrite=overwrite
     )
