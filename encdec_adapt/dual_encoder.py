@@ -9,11 +9,15 @@ Parameter paths (`params_io.flatten` form):
   doc_tower/{embedder,stack}/...       only with separate towers
   query_projection/layers/{i}/kernel   [D_in, D_out]; doc_projection/... only with "separate"
   pooler/query                         [D] (attention pooling only)
+  pooler/kernel, pooler/bias           [D], [] (term pooling only)
 
 Lexical pooling (SPLADE-style) scores every vocabulary entry at every token with the tower's own
 tied embedding, w[t, v] = log(1 + relu(h_t . E_v)), and max-pools over tokens: a [V]-wide vector
 whose coordinates are terms. It adds no parameters and reuses the pretrained LM head, so a
 warm-started tower matches identifiers the way a lexical ranker does and learns term expansion.
+Term pooling (uniCOIL-style) keeps only the text's own tokens: each token gets a contextual
+weight relu(h_t . u + b) (u starts at 0, b at 1: an untrained tower is a bag of words) and the
+[V]-wide vector holds each vocabulary id's largest weight: exact matching with learned weights.
   log_temperature                      [] (learned temperature only)
 """
 
@@ -42,7 +46,9 @@ class TowerSharing(enum.StrEnum):
     SEPARATE_SHARED_PROJECTION = "separate_shared_projection"  # ADE-SPL
 
 
-POOLINGS = (*(str(p) for p in Pooling), "attention", "lexical")
+POOLINGS = (*(str(p) for p in Pooling), "attention", "lexical", "terms")
+#: Poolings whose vectors are vocabulary-wide ([V]) rather than [D].
+VOCABULARY_POOLINGS = ("lexical", "terms")
 
 
 @gin.configurable
@@ -54,7 +60,8 @@ class DualEncoderConfig:
       tower: the Gemma encoder of each tower (attention made bidirectional).
       sharing: "shared", "separate" or "separate_shared_projection".
       pooling: "mean", "first", "last", "attention" (a learned query scores the tokens) or
-        "lexical" (max over tokens of log(1 + relu(tied vocabulary logits)): [V]-wide vectors).
+        "lexical" (max over tokens of log(1 + relu(tied vocabulary logits)): [V]-wide vectors)
+        or "terms" (each token's own id weighted by relu(h . u + b): [V]-wide, exact match).
       projection_dims: output widths of the bias-free projection layers, e.g. (768,) or
         (3072, 768); () keeps the pooled width.
       learn_temperature: adds a learned log-temperature parameter, initialised at
@@ -87,7 +94,9 @@ class DualEncoderConfig:
     @property
     def pooled_dim(self) -> int:
         """Width of the pooled vector, before the projection."""
-        return self.tower.vocab_size if self.pooling == "lexical" else self.tower.embed_dim
+        if self.pooling in VOCABULARY_POOLINGS:
+            return self.tower.vocab_size
+        return self.tower.embed_dim
 
     @property
     def embedding_dim(self) -> int:
@@ -160,6 +169,28 @@ def lexical_pool(hidden: jax.Array, segment_ids: jax.Array, embedding: jax.Array
     return jnp.max(weights, axis=1)
 
 
+class TermPooler(nnx.Module):
+    """Contextual weights of the text's own tokens: [B, S, D], [B, S] ids -> [B, V].
+
+    w_t = relu(h_t . kernel + bias); out[b, v] = max of w_t over the tokens t with id v (0 for
+    ids absent from the row, and for padding).
+    """
+
+    def __init__(self, dim: int, vocab_size: int, *, param_dtype, rngs: nnx.Rngs):
+        self.vocab_size = vocab_size
+        # kernel 0, bias 1: every token starts at weight 1 (a binary bag of words), and the
+        # gradient reaches the kernel from the first step because relu is active everywhere.
+        self.kernel = layers.param(rngs, jax.nn.initializers.zeros, (dim,), ("embed",), param_dtype)
+        self.bias = nnx.Param(jnp.ones((), param_dtype))
+
+    def __call__(self, hidden: jax.Array, tokens: jax.Array, segment_ids: jax.Array):
+        h = hidden.astype(jnp.float32)
+        w = jax.nn.relu(h @ self.kernel[...].astype(jnp.float32) + self.bias[...])
+        w = w * (segment_ids != 0)
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        return jnp.zeros((tokens.shape[0], self.vocab_size), jnp.float32).at[rows, tokens].max(w)
+
+
 class DualEncoder(nnx.Module):
     """Query and document towers: tokens [B, S] -> embeddings [B, E]."""
 
@@ -181,11 +212,14 @@ class DualEncoder(nnx.Module):
             )
         else:
             self.query_projection = self.doc_projection = None
-        self.pooler = (
-            AttentionPooler(cfg.tower.embed_dim, param_dtype=pd, rngs=rngs)
-            if cfg.pooling == "attention"
-            else None
-        )
+        if cfg.pooling == "attention":
+            self.pooler = AttentionPooler(cfg.tower.embed_dim, param_dtype=pd, rngs=rngs)
+        elif cfg.pooling == "terms":
+            self.pooler = TermPooler(
+                cfg.tower.embed_dim, cfg.tower.vocab_size, param_dtype=pd, rngs=rngs
+            )
+        else:
+            self.pooler = None
         if cfg.learn_temperature:
             self.log_temperature = nnx.Param(jnp.log(jnp.asarray(cfg.init_temperature)))
 
@@ -217,7 +251,9 @@ class DualEncoder(nnx.Module):
             else self.query_projection
         )
         encoded = tower(tokens, segment_ids=segment_ids, rng=rng)
-        if self.pooler is not None:
+        if isinstance(self.pooler, TermPooler):
+            x = self.pooler(encoded.hidden, tokens, encoded.segment_ids)
+        elif self.pooler is not None:
             x = self.pooler(encoded.hidden, encoded.segment_ids)
         elif self.config.pooling == "lexical":
             x = lexical_pool(encoded.hidden, encoded.segment_ids, tower.embedder.embedding[...])

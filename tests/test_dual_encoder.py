@@ -28,7 +28,7 @@ def make(**kw):
 
 
 @pytest.mark.parametrize("sharing", ["shared", "separate", "separate_shared_projection"])
-@pytest.mark.parametrize("pooling", ["mean", "first", "last", "attention", "lexical"])
+@pytest.mark.parametrize("pooling", ["mean", "first", "last", "attention", "lexical", "terms"])
 def test_towers_embed_unit_vectors(sharing, pooling):
     _, model = make(sharing=sharing, pooling=pooling, projection_dims=(32, 16))
     tokens = jnp.asarray(np.random.default_rng(0).integers(3, 300, size=(3, 9)))
@@ -41,8 +41,13 @@ def test_towers_embed_unit_vectors(sharing, pooling):
     assert ("doc_tower/stack/final_norm/scale" in params) == (sharing != "shared")
     assert ("doc_projection/layers/0/kernel" in params) == (sharing == "separate")
     assert ("pooler/query" in params) == (pooling == "attention")
+    assert ("pooler/kernel" in params) == (pooling == "terms")
     if sharing == "shared":
         np.testing.assert_array_equal(q, d)
+    elif pooling == "terms" and sharing == "separate_shared_projection":
+        # An untrained term pooler ignores the encoder (every token weighs 1), and the
+        # projection is shared: the towers agree until training moves the kernel.
+        np.testing.assert_allclose(q, d, atol=1e-6)
     else:
         assert not np.allclose(q, d)
 
@@ -62,7 +67,29 @@ def test_lexical_pooling_matches_numpy_reference():
     assert (got >= 0).all() and (got > 0).any()
 
 
-@pytest.mark.parametrize("pooling", ["mean", "lexical"])
+def test_term_pooling_weights_only_the_texts_own_tokens():
+    cfg, model = make(pooling="terms")
+    assert cfg.embedding_dim == TOWER.vocab_size
+    tokens = jnp.asarray([[5, 6, 5, 0, 0], [7, 0, 0, 0, 0]])
+    # Untrained (kernel 0, bias 1): a binary bag of words.
+    want = np.zeros((2, TOWER.vocab_size))
+    want[0, [5, 6]] = 1.0
+    want[1, 7] = 1.0
+    np.testing.assert_array_equal(model(tokens, normalize=False), want)
+    # With a kernel: relu(h . u + b), the larger of a repeated id's weights, nothing elsewhere.
+    model.pooler.kernel[...] = jnp.asarray(np.random.default_rng(1).normal(size=TOWER.embed_dim))
+    got = np.asarray(model(tokens, normalize=False))
+    hidden = np.asarray(model.query_tower(tokens).hidden, np.float64)
+    w = np.maximum(hidden @ np.asarray(model.pooler.kernel[...]) + 1.0, 0)
+    np.testing.assert_allclose(got[0, 5], max(w[0, 0], w[0, 2]), rtol=1e-5)
+    np.testing.assert_allclose(got[0, 6], w[0, 1], rtol=1e-5)
+    np.testing.assert_allclose(got[1, 7], w[1, 0], rtol=1e-5)
+    assert np.count_nonzero(got[0]) <= 2 and np.count_nonzero(got[1]) <= 1
+    grads = nnx.grad(lambda m: m(tokens, normalize=False).sum())(model)
+    assert np.abs(np.asarray(grads.pooler.kernel[...])).sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["mean", "lexical", "terms"])
 def test_padding_does_not_leak(pooling):
     _, model = make(pooling=pooling, projection_dims=(16,))
     tokens = jnp.asarray([[5, 6, 7, 0, 0, 0]])
