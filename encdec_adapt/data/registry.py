@@ -56,6 +56,21 @@ def _add(registry, name: str, overwrite: bool, make):
     return make()
 
 
+def _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite) -> seqio.Task:
+    """Registers a seqio Task over `data_source(source, tfds_data_dir)` (see `_add`)."""
+    return _add(
+        seqio.TaskRegistry,
+        name,
+        overwrite,
+        lambda: seqio.TaskRegistry.add(
+            name,
+            source=data_source(source, tfds_data_dir),
+            preprocessors=preprocessors,
+            output_features=features,
+        ),
+    )
+
+
 def register_pretraining_task(
     name: str,
     source: str | seqio.DataSource,
@@ -98,17 +113,7 @@ def register_pretraining_task(
         objective_fn,
         seqio.preprocessors.append_eos,
     ]
-    return _add(
-        seqio.TaskRegistry,
-        name,
-        overwrite,
-        lambda: seqio.TaskRegistry.add(
-            name,
-            source=data_source(source, tfds_data_dir),
-            preprocessors=preprocessors,
-            output_features=features,
-        ),
-    )
+    return _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite)
 
 
 def register_contrastive_task(
@@ -147,17 +152,7 @@ def register_contrastive_task(
         functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
         seqio.preprocessors.append_eos,
     ]
-    return _add(
-        seqio.TaskRegistry,
-        name,
-        overwrite,
-        lambda: seqio.TaskRegistry.add(
-            name,
-            source=data_source(source, tfds_data_dir),
-            preprocessors=preprocessors,
-            output_features=features,
-        ),
-    )
+    return _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite)
 
 
 def register_classification_task(
@@ -177,17 +172,7 @@ def register_classification_task(
         seqio.preprocessors.append_eos,
     ]
     features = {"inputs": seqio.Feature(vocabulary, add_eos=True)}
-    return _add(
-        seqio.TaskRegistry,
-        name,
-        overwrite,
-        lambda: seqio.TaskRegistry.add(
-            name,
-            source=data_source(source, tfds_data_dir),
-            preprocessors=preprocessors,
-            output_features=features,
-        ),
-    )
+    return _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite)
 
 
 def register_mixture(
