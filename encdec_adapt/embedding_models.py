@@ -48,10 +48,10 @@ ENCODER_SOURCES = ("decoder_only", "encoder_decoder", CLASSIFIER)
 def _batch_axes(rows: int) -> tuple[Any, tuple[str, ...]] | None:
     """(mesh, mesh axes) that shard `rows` batch rows in the active `sharding.use_mesh`, or None
     when the batch is not split (no mesh, one batch shard, or rows not divisible)."""
-    active = sharding._ACTIVE.get()  # the trainer traces its steps inside use_mesh
-    if active is None:
+    current = sharding.active()  # the trainer traces its steps inside use_mesh
+    if current is None:
         return None
-    mesh, rules = active
+    mesh, rules = current
     spec = sharding.logical_to_spec(("activation_batch",), (rows,), mesh, rules)[0]
     if spec is None:
         return None

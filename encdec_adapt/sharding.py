@@ -104,6 +104,11 @@ def use_mesh(mesh: Mesh, rules: MeshRules) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+def active() -> tuple[Mesh, MeshRules] | None:
+    """(mesh, rules) of the enclosing `use_mesh` block, or None outside one."""
+    return _ACTIVE.get()
+
+
 def logical_to_spec(
     axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: MeshRules
 ) -> PartitionSpec:
@@ -133,10 +138,10 @@ def logical_to_spec(
 
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside `use_mesh`."""
-    active = _ACTIVE.get()
-    if active is None:
+    current = _ACTIVE.get()
+    if current is None:
         return x
-    mesh, rules = active
+    mesh, rules = current
     spec = logical_to_spec(axes, x.shape, mesh, rules)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 

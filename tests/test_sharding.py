@@ -88,6 +88,15 @@ def test_logical_to_spec_rules():
     assert spec == P("data", None)
 
 
+def test_active_mesh_only_inside_use_mesh():
+    rules = sharding.MeshRules(mesh_shape=(2, 2, 2))
+    mesh = rules.make_mesh()
+    assert sharding.active() is None
+    with sharding.use_mesh(mesh, rules):
+        assert sharding.active() == (mesh, rules)
+    assert sharding.active() is None
+
+
 def test_bad_mesh_shape_errors():
     with pytest.raises(ValueError, match=r"needs 12 devices, 8 are available"):
         sharding.MeshRules(mesh_shape=(3, 2, 2)).make_mesh()
