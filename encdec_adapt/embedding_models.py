@@ -45,6 +45,14 @@ CLASSIFIER = "classifier"
 ENCODER_SOURCES = ("decoder_only", "encoder_decoder", CLASSIFIER)
 
 
+def encoder_flops_per_token(c, length: int) -> float:
+    """Training FLOPs per token of a bidirectional Gemma encoder `c` on `length`-token rows:
+    6 x matmul parameters + attention scores and values (no vocabulary logits)."""
+    attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    ffw = 3 * c.embed_dim * c.hidden_dim
+    return c.num_layers * (6 * (attn + ffw) + 12 * c.num_heads * c.head_dim * length)
+
+
 def _batch_axes(rows: int) -> tuple[Any, tuple[str, ...]] | None:
     """(mesh, mesh axes) that shard `rows` batch rows in the active `sharding.use_mesh`, or None
     when the batch is not split (no mesh, one batch shard, or rows not divisible)."""
@@ -213,12 +221,11 @@ class DualEncoderModel(BaseModel):
         return warm_start_dual_encoder(self.config, source, source_type=source_type, fresh=fresh)
 
     def flops_per_token(self, lengths: dict[str, int]) -> float:
-        """6 * matmul params + bidirectional attention, per embedded token (no logits)."""
+        """Encoder FLOPs per embedded token (+ the [D, V] scores of lexical pooling)."""
         c = self.config.tower
-        attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-        ffw = 3 * c.embed_dim * c.hidden_dim
         t = max(lengths.get("query", 0), lengths.get("positive", 0))
-        return c.num_layers * (6 * (attn + ffw) + 12 * c.num_heads * c.head_dim * t)
+        lexical = 6 * c.embed_dim * c.vocab_size if self.config.pooling == "lexical" else 0
+        return encoder_flops_per_token(c, t) + lexical
 
     # ------------------------------------------------------------------ gradient caching
 
@@ -382,8 +389,4 @@ class ClassifierModel(BaseModel):
         return warm_start_classifier(self.config, source, source_type=source_type, fresh=fresh)
 
     def flops_per_token(self, lengths: dict[str, int]) -> float:
-        c = self.config.encoder
-        attn = c.embed_dim * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
-        ffw = 3 * c.embed_dim * c.hidden_dim
-        t = lengths.get("inputs", 0)
-        return c.num_layers * (6 * (attn + ffw) + 12 * c.num_heads * c.head_dim * t)
+        return encoder_flops_per_token(self.config.encoder, lengths.get("inputs", 0))

@@ -204,3 +204,12 @@ def test_rows_of_padding_count_for_nothing():
         assert float(a["weight"]) == float(b["weight"]) == 6
         assert float(a["correct"]) == float(b["correct"])
         np.testing.assert_allclose(float(b["loss_sum"]), float(a["loss_sum"]), rtol=1e-5, atol=1e-5)
+
+
+def test_flops_per_token_share_the_encoder_count():
+    lengths = {"query": 4, "positive": LENGTH}
+    dense = dual_model().flops_per_token(lengths)
+    clf = ClassifierModel(config=ClassifierConfig(encoder=TOWER, num_classes=3))
+    assert dense == clf.flops_per_token({"inputs": LENGTH}) > 0
+    lexical = dual_model(de={"pooling": "lexical", "projection_dims": ()})
+    assert lexical.flops_per_token(lengths) == dense + 6 * TOWER.embed_dim * VOCAB
