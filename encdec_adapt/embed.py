@@ -26,7 +26,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -457,41 +456,6 @@ def embed(
 def embed_main(argv: list[str]) -> int:
     """`encdec-adapt embed --gin_file=... --gin.KEY=VALUE`; exit 0, or 2 on bad configuration
     or input (the message names the binding, file, task or parameter)."""
-    import argparse
-
     from encdec_adapt import train
 
-    parser = argparse.ArgumentParser(
-        prog="encdec-adapt embed",
-        description="Runs the gin entry point `embed` (gin/runs/embed.gin): texts of a file or "
-        "a contrastive task split -> embeddings (.npy + .jsonl index) and a retrieval report.",
-    )
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument("--gin_search_path", action="append", default=[])
-    bindings, rest = [], []
-    for arg in argv:
-        if arg.startswith("--gin.") and "=" in arg:
-            key, value = arg[len("--gin.") :].split("=", 1)
-            bindings.append(f"{key} = {train.gin_value(value)}")
-        elif arg.startswith("--gin."):
-            parser.error(f"{arg}: expected --gin.KEY=VALUE")
-        else:
-            rest.append(arg)
-    args = parser.parse_args(rest)
-    if not args.gin_file:
-        parser.error("at least one --gin_file is required")
-    for path in [train.REPO_ROOT, os.getcwd(), *args.gin_search_path]:
-        gin.add_config_file_search_path(path)
-    try:
-        gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    except Exception as e:  # gin's parse errors carry the file and line in their message
-        print(f"encdec-adapt embed: bad gin config: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    try:
-        embed()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"encdec-adapt embed: {e}", file=sys.stderr)
-        for where in train.locate_bindings(str(e), args.gin_file, bindings):
-            print(f"  set at {where}", file=sys.stderr)
-        return 2
-    return 0
+    return train.run_command("embed", argv, input_errors=(ValueError, FileNotFoundError))

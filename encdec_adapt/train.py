@@ -252,6 +252,7 @@ ENTRY_POINTS = {
     "train": ("encdec_adapt.train", "train"),
     "eval": ("encdec_adapt.infer", "evaluate"),
     "infer": ("encdec_adapt.infer", "infer"),
+    "embed": ("encdec_adapt.embed", "embed"),
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -338,10 +339,12 @@ def _read_gin(path: str) -> str:
     return ""
 
 
-def run_command(command: str, argv: list[str]) -> int:
+def run_command(command: str, argv: list[str], input_errors: tuple[type, ...] = ()) -> int:
     """Parses flags and gin, then calls the entry point; returns the exit code.
 
     Exit codes: 0 done (or preempted with a checkpoint), 1 loss diverged, 2 bad configuration.
+    `input_errors`: exception types that always mean bad input (exit 2 with their message, e.g.
+    a file:line), where other errors keep their traceback unless they name a gin binding.
     """
     from encdec_adapt import distributed
 
@@ -365,6 +368,11 @@ def run_command(command: str, argv: list[str]) -> int:
     except TrainingDiverged as e:
         print(f"encdec-adapt {command}: {e}", file=sys.stderr)
         return 1
+    except input_errors as e:
+        print(f"encdec-adapt {command}: {e}", file=sys.stderr)
+        for w in locate_bindings(str(e), args.gin_file, bindings):
+            print(f"  set at {w}", file=sys.stderr)
+        return 2
     except (ValueError, TypeError, RuntimeError, input_pipeline.UnknownTaskError) as e:
         where = locate_bindings(str(e), args.gin_file, bindings)
         if not where and not str(e).startswith(("Required bindings", "Invalid", "Unknown")):
