@@ -25,6 +25,13 @@ def test_python_and_tensorflow_agree(text, want):
     assert split_identifiers_tf(tf.constant(text)).numpy().decode() == want
 
 
+def test_lowercase_is_ascii_only_in_both_versions():
+    text = "parseHTTPResponse Ünïcode ÉTÉ"
+    want = "parse http response Ünïcode ÉtÉ"
+    assert split_identifiers(text, lowercase=True) == want
+    assert split_identifiers_tf(tf.constant(text), lowercase=True).numpy().decode() == want
+
+
 def test_tensorflow_version_is_elementwise():
     texts = np.asarray([["a_b", "cD"], ["e", "fooBar_baz"]])
     got = split_identifiers_tf(tf.constant(texts)).numpy().astype(str)
@@ -38,9 +45,9 @@ def test_subtokens_task_splits_queries_and_code():
     split = seqio.get_mixture_or_task("stdlib_code_search_subtokens").source
     a = next(raw.get_dataset("validation", shuffle=False).as_numpy_iterator())
     b = next(split.get_dataset("validation", shuffle=False).as_numpy_iterator())
-    assert b["query"].decode() == split_identifiers(a["query"].decode())
-    assert b["positive"].decode() == split_identifiers(a["positive"].decode())
+    assert b["query"].decode() == split_identifiers(a["query"].decode(), lowercase=True)
+    assert b["positive"].decode() == split_identifiers(a["positive"].decode(), lowercase=True)
     assert "_" not in b["positive"].decode()
     assert [n.decode() for n in b["negatives"]] == [
-        split_identifiers(n.decode()) for n in a["negatives"]
+        split_identifiers(n.decode(), lowercase=True) for n in a["negatives"]
     ]

@@ -24,21 +24,27 @@ _RULES = (
 _COMPILED = tuple((re.compile(p), r) for p, r in _RULES)
 
 
-def split_identifiers(text: str) -> str:
-    """Python strings: underscores become spaces, camelCase boundaries get a space."""
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def split_identifiers(text: str, lowercase: bool = False) -> str:
+    """Python strings: underscores become spaces, camelCase boundaries get a space; then, with
+    `lowercase`, ASCII letters are lower-cased (as tf.strings.lower does; other letters keep)."""
     for pattern, rewrite in _COMPILED:
         text = pattern.sub(rewrite, text)
-    return text
+    return text.translate(_ASCII_LOWER) if lowercase else text
 
 
-def split_identifiers_tf(text: tf.Tensor) -> tf.Tensor:
+def split_identifiers_tf(text: tf.Tensor, lowercase: bool = False) -> tf.Tensor:
     """The same on a string tensor of any shape (elementwise)."""
     for pattern, rewrite in _RULES:
         text = tf.strings.regex_replace(text, pattern, rewrite)
-    return text
+    return tf.strings.lower(text) if lowercase else text
 
 
-def split_identifiers_source(source, keys=("query", "positive", "negatives")):
+def split_identifiers_source(
+    source, keys=("query", "positive", "negatives"), lowercase: bool = False
+):
     """A seqio FunctionDataSource over `source` (a FunctionDataSource) with `keys` split.
 
     Everything that reads the task (training, `embed`'s retrieval split, BM25) then sees the
@@ -50,7 +56,9 @@ def split_identifiers_source(source, keys=("query", "positive", "negatives")):
         ds = source.get_dataset(split=split, shuffle=shuffle_files, seed=seed)
 
         def apply(ex):
-            return {k: split_identifiers_tf(v) if k in keys else v for k, v in ex.items()}
+            return {
+                k: split_identifiers_tf(v, lowercase) if k in keys else v for k, v in ex.items()
+            }
 
         return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
 

@@ -73,7 +73,9 @@ def register(overwrite: bool = True) -> None:
         )
     registry.register_contrastive_task(
         "stdlib_code_search_subtokens",
-        identifiers.split_identifiers_source(registry.data_source("stdlib_code_search")),
+        identifiers.split_identifiers_source(
+            registry.data_source("stdlib_code_search"), lowercase=True
+        ),
         query_prompt=QUERY_PROMPT,
         document_prompt=DOCUMENT_PROMPT,
         overwrite=overwrite,
