@@ -9,8 +9,8 @@ Pretraining (source `stdlib_prose`, field `text`, the embedded 4096-id vocabular
 Contrastive (source `stdlib_code_search`): docstring summary line -> function source
   stdlib_code_search               in-batch negatives only
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
-  stdlib_code_search_subtokens       queries and code with identifiers split into words
-                                     (data.identifiers: read_file -> read file)
+  stdlib_code_search_subtokens       queries and code with identifiers split into words and
+                                     ASCII lower-cased (data.identifiers: readFile -> read file)
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
   stdlib_code_match        label 1 for its own function, 0 for a hard negative of the same module
   stdlib_code_match_other  label 0 for a function of another example (usually another module)
