@@ -313,7 +313,7 @@ def embed(
         input_file texts with side "query"; longer texts are cut and counted.
       document_max_length: the same for document-side texts (default max_length).
       report: write retrieval_report.md / .json for a task.
-      bm25 / untrained_from: the report's baseline rows: BM25 on the raw texts, and towers
+      bm25 / untrained_from: the report's baseline rows: BM25 on the task's texts, and towers
         warm-started from this decoder-only params checkpoint without training.
       vocabulary_file: a SentencePiece model (default: the task's vocabulary, or the embedded
         one for files).
@@ -414,7 +414,7 @@ def embed(
         sources["untrained towers"] = where
     if bm25:
         rows["BM25"] = evaluate_bm25(eval_split)
-        sources["BM25"] = "Okapi BM25 (k1 1.2, b 0.75) on the raw texts"
+        sources["BM25"] = "Okapi BM25 (k1 1.2, b 0.75) on the task's texts, without prompts"
     summary = {
         "split": eval_split.name,
         "queries": len(eval_split.queries),
