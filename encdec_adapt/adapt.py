@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import re
 import sys
 from collections.abc import Sequence
@@ -341,8 +340,7 @@ def adapt_main(argv: list[str]) -> int:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
     args = p.parse_args(argv)
     try:
-        if os.path.exists(args.output) and not args.overwrite:
-            raise CheckpointError(f"{args.output} already exists (pass --overwrite to replace it)")
+        params_io.check_writable(args.output, args.overwrite)
         cfg = load_encdec_preset(args.preset)
         params = WarmStart(
             encoder_checkpoint=args.encoder,

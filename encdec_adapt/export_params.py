@@ -71,8 +71,7 @@ def export_params(model_dir: str, output: str, step: int | None = None, *, overw
     from encdec_adapt.trainer import Trainer
 
     model_dir = os.path.abspath(model_dir)
-    if os.path.exists(output) and not overwrite:
-        raise params_io.CheckpointError(f"{output} already exists (pass --overwrite to replace it)")
+    params_io.check_writable(output, overwrite)
     model = model_from_run(model_dir)
     rules = sharding.MeshRules()
     trainer = Trainer(model, optim.OptimizerConfig(), rules.make_mesh(), rules)

@@ -38,6 +38,15 @@ def summarize(sums: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def decoder_weights(batch: Batch) -> Any:
+    """[B, T] loss weights of the decoder targets: the batch's `decoder_loss_weights`, or (when the
+    feature converter wrote none) the non-padding target tokens. Works on jax and numpy batches."""
+    weights = batch.get("decoder_loss_weights")
+    if weights is None:
+        weights = batch["decoder_target_tokens"] > 0
+    return weights
+
+
 class BaseModel(abc.ABC):
     """The model API; subclasses are frozen dataclasses configured by gin.
 
@@ -68,17 +77,11 @@ class BaseModel(abc.ABC):
     def loss_weight(self, batch: Batch) -> jax.Array:
         """float32 scalar the trainer divides the summed loss of a global batch by (also across
         micro-batches): the sum of the decoder loss weights (target tokens) by default."""
-        weights = batch.get("decoder_loss_weights")
-        if weights is None:
-            weights = batch["decoder_target_tokens"] > 0
-        return jnp.sum(weights.astype(jnp.float32))
+        return jnp.sum(decoder_weights(batch).astype(jnp.float32))
 
     def count_tokens(self, batch: dict[str, Any]) -> int:
         """Tokens of one host batch (numpy), for the tokens/s log: the target tokens by default."""
-        weights = batch.get("decoder_loss_weights")
-        if weights is None:
-            weights = batch["decoder_target_tokens"] > 0
-        return int(weights.sum())
+        return int(decoder_weights(batch).sum())
 
     def warm_start_params(self, source: Any, source_type: str, fresh: Any) -> Any | None:
         """This model's parameters initialised from a params checkpoint of another model type.
@@ -97,9 +100,7 @@ class BaseModel(abc.ABC):
         self, module: nnx.Module, batch: Batch, rng: jax.Array | None
     ) -> tuple[losses.TokenLoss, jax.Array]:
         logits = self.logits(module, batch, rng)
-        weights = batch.get("decoder_loss_weights")
-        if weights is None:
-            weights = batch["decoder_target_tokens"] > 0
+        weights = decoder_weights(batch)
         tl = losses.cross_entropy(
             logits,
             batch["decoder_target_tokens"],
@@ -137,7 +138,7 @@ class BaseModel(abc.ABC):
     def eval_fn(self, module: nnx.Module, batch: Batch) -> Metrics:
         """Metric sums without dropout, label smoothing or z-loss."""
         logits = self.logits(module, batch, None)
-        weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
+        weights = decoder_weights(batch)
         tl = losses.cross_entropy(logits, batch["decoder_target_tokens"], weights)
         return {"loss_sum": tl.loss, "weight": tl.weight, "correct": tl.correct}
 
@@ -480,7 +481,7 @@ class DistillationModel(BaseModel):
 
     def loss_fn(self, module, batch, rng, normalizer=None):
         tl, student_logits = self.student.token_loss(module.student, batch, rng)
-        weights = batch.get("decoder_loss_weights", batch["decoder_target_tokens"] > 0)
+        weights = decoder_weights(batch)
         teacher_logits = jax.lax.stop_gradient(self.teacher_logits(module.teacher, batch))
         kd = losses.kl_divergence(
             student_logits, teacher_logits, weights, temperature=self.temperature

@@ -74,6 +74,13 @@ def check_compatible(expected: PyTree, given: PyTree, source: str) -> None:
         raise CheckpointError(f"{source}: unknown parameter {unknown[0]!r} ({len(unknown)} in all)")
 
 
+def check_writable(path: str, overwrite: bool) -> None:
+    """Raises CheckpointError when the output `path` exists and `overwrite` is False; the commands
+    that write a params checkpoint call it before any slow work, so a bad --output fails fast."""
+    if os.path.exists(path) and not overwrite:
+        raise CheckpointError(f"{path} already exists (pass --overwrite to replace it)")
+
+
 def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=False) -> None:
     """Writes `params` (a nested dict of arrays) and the model description to `path`.
 
@@ -81,8 +88,7 @@ def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=
     never leaves something that looks like a checkpoint.
     """
     path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path} already exists (pass overwrite to replace it)")
+    check_writable(path, overwrite)
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
