@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from encdec_adapt import retrieval_metrics
+from encdec_adapt.retrieval_metrics import RetrievalSplit
 
 EncodeFn = Callable[[jax.Array], jax.Array]  # [B, L] tokens -> [B, L, D] states
 
@@ -79,13 +79,24 @@ def mean_pooled(encode_fn: EncodeFn, tokens: np.ndarray, batch_size: int) -> np.
     return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
-def retrieval(queries: np.ndarray, documents: np.ndarray) -> dict[str, float]:
-    """Query i's relevant document is document i (one each); [Q, D] x [Q, D] unit vectors ->
-    nDCG@10, Recall@1 and MRR@10 over exact cosine search among all documents."""
-    ids = [str(i) for i in range(len(documents))]
-    ranked = retrieval_metrics.top_k(queries, documents, ids, k=10)
-    qrels = {str(i): {str(i): 1.0} for i in range(len(queries))}
-    scores = retrieval_metrics.evaluate(qrels, dict(zip(ids, ranked)))
+def retrieval(
+    pairs: Sequence[dict], queries: np.ndarray, positives: np.ndarray
+) -> dict[str, float]:
+    """nDCG@10, Recall@1 and MRR@10 of exact cosine search, scored by the same code as
+    `encdec-adapt embed` (`RetrievalSplit.evaluate_embeddings`).
+
+    pairs: the probe pairs (their texts define the candidate set: identical positives become one
+    document, relevant to every query that has it); queries, positives: [Q, D] embeddings of
+    each pair's query and positive, in the order of `pairs`. The candidate set is every distinct
+    positive of `pairs`, so nDCG@10 of random embeddings is about 10 / N for N >> 10 candidates
+    but about 0.3 for 16 (compare probes only at the same number of pairs).
+    """
+    split = RetrievalSplit.from_pairs("probe", [(p["query"], p["positive"]) for p in pairs])
+    first: dict[str, int] = {}
+    for i, p in enumerate(pairs):
+        first.setdefault(p["positive"], i)
+    documents = positives[[first[doc] for doc in split.documents]]
+    scores = split.evaluate_embeddings(queries, documents)
     return {k: scores[k] for k in ("ndcg@10", "recall@1", "mrr@10")}
 
 
@@ -162,7 +173,7 @@ def probe_encoder(
       {"ndcg@10", "recall@1", "mrr@10", "pair_accuracy"[, "linear_probe_accuracy"]}.
     """
     q, d, with_neg, n = _embed_pairs(encode_fn, vocabulary, pairs, max_length, batch_size)
-    out = retrieval(q, d)
+    out = retrieval(pairs, q, d)
     if n is not None:
         qn = q[with_neg]
         out["pair_accuracy"] = float(np.mean(np.sum(qn * d[with_neg], -1) > np.sum(qn * n, -1)))
