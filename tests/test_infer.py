@@ -304,9 +304,7 @@ def test_decoder_only_predict_equals_decode(tmp_path, decoder_ckpt):
         task="stdlib_prefix_lm",
         split="validation",
         batch_size=8,
-        # the JSONL prompts' decoder length (12 + 6): the same shapes, so the compiled programs
-        # are reused
-        task_feature_lengths=JSONL_LENGTHS,
+        task_feature_lengths={"inputs": 24, "targets": 8},
         feature_converter="prefix_lm",
         shuffle=False,
         repeat=False,
