@@ -37,10 +37,13 @@ run = nnx.jit(generate, static_argnames="cfg")
 def test_cached_greedy_equals_full_recompute(model, inputs):
     cfg = decoding.DecodeConfig(max_decode_len=MAX_LEN, eos_id=-1)
     out = np.asarray(run(model, inputs, cfg).tokens)
-    seq = np.zeros((3, 1), np.int32)  # decoder start id 0
-    for _ in range(MAX_LEN):  # no cache: the whole decoder prefix is run again every step
-        logits = model(inputs, jnp.asarray(seq))
-        seq = np.concatenate([seq, np.asarray(jnp.argmax(logits[:, -1], -1))[:, None]], axis=1)
+    # No cache: the whole decoder prefix is run again every step, zero-padded to one length so
+    # that one compiled forward serves every step (the decoder is causal: the padding after
+    # position t does not reach its logits).
+    forward = nnx.jit(lambda m, x, y: m(x, y))
+    seq = np.zeros((3, MAX_LEN + 1), np.int32)  # decoder start id 0
+    for t in range(MAX_LEN):
+        seq[:, t + 1] = np.asarray(jnp.argmax(forward(model, inputs, jnp.asarray(seq))[:, t], -1))
     np.testing.assert_array_equal(out, seq[:, 1:])
 
 
