@@ -67,7 +67,7 @@ class Budget:
     adapt_steps: int = 120
     contrastive_steps: int = 60
     batch_size: int = 8
-    contrastive_batch_size: int = 16  # in-batch negatives: more rows, harder task
+    contrastive_batch_size: int = 64  # in-batch negatives: more rows, a harder task to learn
     eval_batches: int = 20
     min_steps: int = 2
 
@@ -281,8 +281,9 @@ class Quickstart:
                 "embed",
                 "--gin_file=gin/models/gemma_tiny.gin",
                 "--gin_file=gin/runs/embed.gin",
+                "--gin_file=gin/experiments/quickstart_towers.gin",
                 f"--gin.MODEL_DIR={self.path('dual_encoder')}",
-                "--gin.TASK=stdlib_code_search",
+                "--gin.TASK=stdlib_code_search_subtokens",
                 f"--gin.OUTPUT_DIR={self.path('retrieval')}",
                 f"--gin.embed.untrained_from={self.path('pretrained')}",
                 "--gin.embed.progress=False",
