@@ -56,8 +56,8 @@ class QuickstartError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Budget:
-    """Steps and batch sizes of the training stages (scale 1: about 13 minutes on 2 CPU cores
-    shared with other jobs, where a gemma_tiny step of 8 x 256 tokens takes about 0.7 s).
+    """Steps and batch sizes of the training stages (scale 1: about 8 minutes on 2 idle CPU cores,
+    14 when shared with other jobs; a gemma_tiny step of 8 x 256 tokens takes about 0.4 s).
 
     `scaled(s)` multiplies the steps by s (at least `min_steps`); test scales (< 0.1) also use
     batches of 4 rows and 2 evaluation batches.
