@@ -282,6 +282,7 @@ def embed(
     params_from: str | None = None,
     side: str = "query",
     prompt: str = "",
+    text_transform: str | None = None,
     normalize: bool = True,
     truncate_dim: int | None = None,
     batch_size: int = 32,
@@ -306,6 +307,9 @@ def embed(
       model_dir / params_from: the newest training checkpoint of model_dir, or a params
         checkpoint (a decoder-only one gives untrained, warm-started towers).
       side / prompt: the tower and the prompt string of input_file texts.
+      text_transform: a name in `identifiers.TEXT_TRANSFORMS` applied to input_file texts: the
+        preprocessing of the task the towers were trained on (e.g. "split_identifiers_lower"
+        for `stdlib_code_search_subtokens`). A task's texts come already preprocessed.
       normalize: unit-length rows (cosine = dot product).
       truncate_dim: a Matryoshka prefix of the embedding (before normalisation).
       batch_size: rows per compiled call.
@@ -335,6 +339,17 @@ def embed(
         )
     if side not in SIDES:
         raise ValueError(f"embed.side={side!r}; choose from {SIDES}")
+    from encdec_adapt.data import identifiers
+
+    try:
+        transform = identifiers.text_transform(text_transform)
+    except ValueError as e:
+        raise ValueError(f"embed.text_transform: {e}") from None
+    if transform is not None and task is not None:
+        raise ValueError(
+            f"embed.text_transform={text_transform!r} applies to INPUT_FILE texts; the texts of "
+            f"task {task!r} come already preprocessed by the task"
+        )
     _check("batch_size", batch_size, 1)
     _check("max_length", max_length, 2)
     doc_length = document_max_length or max_length
@@ -360,7 +375,9 @@ def embed(
     module, source = load_towers(
         model, model_dir=model_dir, params_from=params_from, mesh_rules=mesh_rules, seed=seed
     )
-    encoder = TextEncoder(module, vocab, max_length=max_length, batch_size=batch_size)
+    encoder = TextEncoder(
+        module, vocab, max_length=max_length, batch_size=batch_size, text_transform=transform
+    )
     os.makedirs(output_dir, exist_ok=True)
     opts = dict(normalize=normalize, truncate_dim=truncate_dim, progress=progress)
 
@@ -374,6 +391,7 @@ def embed(
             "params": source,
             "side": side,
             "prompt": prompt,
+            "text_transform": text_transform,
             "max_length": length,
             "shape": list(emb.shape),
             **stats.counts(),

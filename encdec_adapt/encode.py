@@ -9,7 +9,7 @@ text's embedding does not depend on what else is in its batch.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -48,12 +48,26 @@ class TextEncoder:
       max_length: tokens per text after the prompt and EOS; longer texts are cut (and counted).
       batch_size: rows per compiled call (the last batch is padded).
       eos_id: appended to every text.
+      text_transform: str -> str applied to every text (not the prompt) before tokenising: the
+        preprocessing of the task the towers were trained on, so that raw texts reach them as
+        the training texts did (e.g. `identifiers.text_transform("split_identifiers_lower")`
+        for `stdlib_code_search_subtokens`).
     """
 
-    def __init__(self, model: DualEncoder, vocabulary, *, max_length=128, batch_size=32, eos_id=1):
+    def __init__(
+        self,
+        model: DualEncoder,
+        vocabulary,
+        *,
+        max_length: int = 128,
+        batch_size: int = 32,
+        eos_id: int = 1,
+        text_transform: Callable[[str], str] | None = None,
+    ):
         if not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"TextEncoder: max_length={max_length!r} must be an int >= 2")
         self.model, self.vocabulary = model, vocabulary
+        self.text_transform = text_transform
         self.max_length, self.batch_size, self.eos_id = max_length, batch_size, eos_id
         self.stats = EncodeStats()
         self.last_stats = EncodeStats()
@@ -73,6 +87,8 @@ class TextEncoder:
     def _tokenize(self, text: str, prompt: str, max_length: int) -> tuple[list[int], bool]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects strings, got {type(text).__name__}: {text!r}")
+        if self.text_transform is not None:
+            text = self.text_transform(text)
         ids = list(self.vocabulary.encode(prompt + text)) if (prompt + text) else []
         self.stats.texts += 1
         self.stats.empty += not text.strip()

@@ -177,3 +177,23 @@ def test_prompts_change_embeddings_and_mteb_adapter(encoder):
     )
     with pytest.raises(ValueError, match=r"unknown prompt_type 'instruction'"):
         mteb.encode(["x"], prompt_type="instruction")
+
+
+def test_text_transform_applies_to_texts_not_prompts(encoder):
+    from encdec_adapt.data.identifiers import text_transform
+
+    split = TextEncoder(
+        encoder.model,
+        ByteVocab(),
+        max_length=24,
+        batch_size=64,
+        text_transform=text_transform("split_identifiers_lower"),
+    )
+    raw = ["def readFile(self, file_name):", "HTTPResponse"]
+    np.testing.assert_array_equal(
+        split.encode(raw, prompt="Code: "),
+        encoder.encode(["def read file(self, file name):", "http response"], prompt="Code: "),
+    )
+    assert split.tokenize("A_b", prompt="Q: ") == [b + 3 for b in b"Q: a b"] + [1]
+    with pytest.raises(ValueError, match=r"unknown text transform 'lower'; known: \["):
+        text_transform("lower")

@@ -200,6 +200,21 @@ def test_embed_file_end_to_end(checkpoints):
     rows = read_jsonl(os.path.join(out2, "embeddings.jsonl"))
     assert [(r["id"], r["empty"]) for r in rows] == [("a", False), ("b", True)]
 
+    # A text transform: raw code embeds as the same code split and lower-cased by hand
+    (root / "code.txt").write_text("def readFile(file_name):\n")
+    (root / "code_split.txt").write_text("def read file(file name):\n")
+    out3, out4 = str(root / "code_out"), str(root / "code_split_out")
+    transform = "embed.text_transform='split_identifiers_lower'"
+    code = [f"PARAMS_FROM={towers}", f"INPUT_FILE={root / 'code.txt'}", f"OUTPUT_DIR={out3}"]
+    assert run_embed(*code, transform) == 0
+    split = [f"PARAMS_FROM={towers}", f"INPUT_FILE={root / 'code_split.txt'}"]
+    assert run_embed(*split, f"OUTPUT_DIR={out4}") == 0
+    got, want = (np.load(os.path.join(o, "embeddings.npy")) for o in (out3, out4))
+    np.testing.assert_array_equal(got, want)
+    assert (
+        read_json(os.path.join(out3, "stats.json"))["text_transform"] == "split_identifiers_lower"
+    )
+
 
 def test_embed_task_report(checkpoints):
     root, decoder, towers = checkpoints
@@ -237,3 +252,13 @@ def test_embed_bad_inputs(checkpoints, capsys):
     pooling = 'DualEncoderConfig.pooling="cls"'
     assert run_embed(f"PARAMS_FROM={towers}", f"TASK={TASK}", f"OUTPUT_DIR={out}", pooling) == 2
     assert "pooling='cls' is not a pooling" in capsys.readouterr().err
+    texts = root / "ok.txt"
+    texts.write_text("fine\n")
+    lower = "embed.text_transform='lower'"
+    assert (
+        run_embed(f"PARAMS_FROM={towers}", f"INPUT_FILE={texts}", f"OUTPUT_DIR={out}", lower) == 2
+    )
+    assert "embed.text_transform: unknown text transform 'lower'" in capsys.readouterr().err
+    split = "embed.text_transform='split_identifiers'"
+    assert run_embed(f"PARAMS_FROM={towers}", f"TASK={TASK}", f"OUTPUT_DIR={out}", split) == 2
+    assert "come already preprocessed by the task" in capsys.readouterr().err

@@ -63,3 +63,20 @@ def split_identifiers_source(
         return ds.map(apply, num_parallel_calls=tf.data.AUTOTUNE)
 
     return seqio.FunctionDataSource(dataset_fn, splits=source.splits)
+
+
+# Named text transforms for encoding raw texts the way a task's preprocessing shaped its training
+# texts (`TextEncoder(text_transform=...)`, `embed.text_transform`).
+TEXT_TRANSFORMS = {
+    "split_identifiers": split_identifiers,
+    "split_identifiers_lower": lambda text: split_identifiers(text, lowercase=True),
+}
+
+
+def text_transform(name: str | None):
+    """A TEXT_TRANSFORMS name -> the str -> str function (None -> None)."""
+    if name is None:
+        return None
+    if name not in TEXT_TRANSFORMS:
+        raise ValueError(f"unknown text transform {name!r}; known: {sorted(TEXT_TRANSFORMS)}")
+    return TEXT_TRANSFORMS[name]
