@@ -7,6 +7,12 @@ and calls the task's `predict_metric_fns(targets, predictions)` and
 the task's "targets" vocabulary and passed through the task's postprocessor (`is_target=True`
 for targets). Both serve the trainer's periodic eval and `encdec-adapt eval`; `run_batches`,
 the fixed-shape predict / score loop, also serves `infer`.
+
+For an embedding model (one with `embed`, e.g. `DualEncoderModel`) on a contrastive task,
+`task_metrics` is the retrieval evaluation instead (`embedding_task_metrics`): the towers embed
+the eval batches' queries and positives, and the task's (targets, predictions) metric functions
+(`retrieval_metrics.retrieval_metric_fn`, attached by `registry.register_contrastive_task`) get
+targets = document embeddings, predictions = query embeddings.
 """
 
 from __future__ import annotations
@@ -78,13 +84,33 @@ _COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _compiled(trainer, kind: str, decode_cfg=None):
-    """The trainer's jitted predict / score function, built once per (trainer, config), so that
-    periodic evaluation does not recompile."""
+    """The trainer's jitted predict / score / embed function, built once per (trainer, config),
+    so that periodic evaluation does not recompile."""
     fns = _COMPILED.setdefault(trainer, {})
     key = (kind, decode_cfg)
     if key not in fns:
-        fns[key] = trainer.predict_fn(decode_cfg) if kind == "predict" else trainer.score_fn()
+        if kind == "predict":
+            fns[key] = trainer.predict_fn(decode_cfg)
+        elif kind == "embed":
+            fns[key] = _embed_fn(trainer)
+        else:
+            fns[key] = trainer.score_fn()
     return fns[key]
+
+
+def _embed_fn(trainer):
+    """jitted (params, {query_tokens, positive_tokens}) -> (queries [B, E], positives [B, E]):
+    the model's `embed` on the query and the document side (no dropout)."""
+    model = trainer.model
+
+    def embed(params, batch):
+        module = trainer.module(params)
+        return (
+            model.embed(module, batch["query_tokens"], "query"),
+            model.embed(module, batch["positive_tokens"], "document"),
+        )
+
+    return jax.jit(embed)
 
 
 def to_host(x) -> np.ndarray:
@@ -212,11 +238,15 @@ def task_metrics(
     """The task's metric functions on `num_batches` batches of `data_cfg` (None: one pass).
 
     Predict metrics run only with a `decode_cfg` (decoding costs time); score metrics always.
-    Returns {} when the task has none of them.
+    Returns {} when the task has none of them. An embedding model (`is_embedding_model`) runs
+    `embedding_task_metrics` instead (retrieval over the eval batches; `decode_cfg` and `seed`
+    do not apply).
     """
     task = metric_task(data_cfg)
     if task is None:
         return {}
+    if is_embedding_model(trainer.model):
+        return embedding_task_metrics(trainer, params, data_cfg, task, num_batches)
     predict_fns = list(task.predict_metric_fns) if decode_cfg is not None else []
     score_fns = list(task.score_metric_fns)
     if not predict_fns and not score_fns:
@@ -250,6 +280,98 @@ def task_metrics(
     return out
 
 
+# ---- embedding models: retrieval over the eval batches ------------------------------------------
+
+#: the features an embedding model's eval batches hold (`DataConfig.feature_converter=
+#: "dual_encoder"`); hard negatives (negative_tokens) are not retrieval candidates
+EMBED_FEATURES = ("query_tokens", "positive_tokens")
+
+
+def is_embedding_model(model) -> bool:
+    """A model with `embed` (towers that map tokens to embeddings, e.g. DualEncoderModel)."""
+    return callable(getattr(model, "embed", None))
+
+
+class EmbeddedRows(NamedTuple):
+    """The valid rows of the eval batches, in order (padding rows of a short last batch left
+    out): queries [N, E] and positives [N, E] as the towers embed them, and the positives'
+    tokens [N, Lp] (identical tokens are one document)."""
+
+    queries: np.ndarray
+    documents: np.ndarray
+    document_tokens: np.ndarray
+
+
+def embed_batches(trainer, params, data_cfg, num_batches: int | None = None) -> EmbeddedRows:
+    """Embeds the query and the positive of every valid row of `num_batches` batches of
+    `data_cfg` (None: one pass) with the model's compiled `embed` (fixed shapes: the last batch
+    is padded with all-zero rows, which are dropped)."""
+    embed = _compiled(trainer, "embed")
+    queries, documents, tokens = [], [], []
+    it = input_pipeline.make_iterator(data_cfg)
+    for i, local in enumerate(it):
+        if num_batches is not None and i >= num_batches:
+            break
+        missing = [k for k in EMBED_FEATURES if k not in local]
+        if missing:
+            raise ValueError(
+                f"retrieval evaluation of {type(trainer.model).__name__} needs the features "
+                f"{EMBED_FEATURES} (feature_converter='dual_encoder'); batch {i} of "
+                f"{data_cfg} has {sorted(local)}"
+            )
+        local, valid = _pad_rows({k: local[k] for k in EMBED_FEATURES}, data_cfg)
+        batch = trainer.shard_batch(local)
+        with sharding.use_mesh(trainer.mesh, trainer.rules):
+            q, d = embed(params, batch)
+        rows = np.flatnonzero(to_host(valid))
+        queries.append(to_host(q)[rows])
+        documents.append(to_host(d)[rows])
+        tokens.append(to_host(batch["positive_tokens"])[rows])
+    if not queries:
+        raise ValueError(f"evaluation data {data_cfg} yielded no batches")
+    return EmbeddedRows(*(np.concatenate(x) for x in (queries, documents, tokens)))
+
+
+def embedding_task_metrics(
+    trainer, params, data_cfg, task, num_batches: int | None = None
+) -> dict[str, float]:
+    """Retrieval metrics of the model's towers on `num_batches` eval batches of `data_cfg`.
+
+    The eval batches' valid rows are the queries, and their positives the candidate documents:
+    this measures retrieval among `num_batches` x batch_size candidates, not among the whole
+    split (`encdec-adapt embed --gin.TASK=...` ranks the full split). As in
+    `RetrievalSplit.from_pairs`, identical positives (same tokens) are one document relevant to
+    each of their queries: their rows get the embedding of the first, so that
+    `retrieval_metric_fn` (which merges identical target rows) sees one candidate. Hard
+    negatives are not candidates (as in `embed.retrieval_split`). Padding rows do not count.
+
+    Each of the task's (targets, predictions) metric functions gets targets = document
+    embeddings [N, E], predictions = query embeddings [N, E]. Also returns the number of
+    queries and of distinct candidate documents (`retrieval_queries`, `retrieval_documents`).
+    """
+    if task.score_metric_fns:
+        names = [getattr(fn, "__name__", repr(fn)) for fn in task.score_metric_fns]
+        raise ValueError(
+            f"task {task.name!r} has score metric functions {names}: an embedding model "
+            f"({type(trainer.model).__name__}) gives embeddings, not target scores; register "
+            "the task with (targets, predictions) metric functions such as retrieval_metric_fn"
+        )
+    fns = list(task.predict_metric_fns)
+    if not fns:
+        return {}
+    rows = embed_batches(trainer, params, data_cfg, num_batches)
+    _, first, inverse = np.unique(
+        rows.document_tokens, axis=0, return_index=True, return_inverse=True
+    )
+    documents = rows.documents[first[inverse.reshape(-1)]]
+    out: dict[str, float] = {}
+    for fn in fns:
+        out.update({k: _as_float(k, v) for k, v in fn(documents, rows.queries).items()})
+    out["retrieval_queries"] = float(len(rows.queries))
+    out["retrieval_documents"] = float(len(first))
+    return out
+
+
 def run_eval(
     trainer,
     params,
@@ -259,7 +381,9 @@ def run_eval(
     task_metric_fns: bool = True,
     seed: int = 0,
 ) -> dict[str, float]:
-    """Loss metrics, and (when `task_metric_fns` and the task has them) the task's metrics."""
+    """Loss metrics, and (when `task_metric_fns` and the task has them) the task's metrics:
+    decode / score metrics, or for an embedding model the retrieval metrics of its towers over
+    the eval batches (`embedding_task_metrics`)."""
     result = loss_metrics(trainer, params, data_cfg, num_batches)
     if task_metric_fns:
         result.update(task_metrics(trainer, params, data_cfg, decode_cfg, num_batches, seed))

@@ -111,7 +111,8 @@ def train(
       warm_start_from: a params checkpoint (params_io format, e.g. from `import-hf`) whose
         parameters initialise a *fresh* run; ignored when resuming (the checkpoint wins).
       eval_data / eval_every / eval_batches: periodic evaluation (0 = never): loss metrics,
-        and the score metric functions of a seqio eval task that has them.
+        and the score metric functions of a seqio eval task that has them (for an embedding
+        model: the task's retrieval metrics over the eval batches' documents).
       eval_decode: decoding options for the eval task's predict metric functions (None: they
         do not run; decoding during training costs time).
       peak_flops_per_device: the accelerator's peak FLOP/s, for MFU (None: MFU not reported).

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
+from encdec_adapt import retrieval_metrics
 from encdec_adapt.data import contrastive, corpus, prefix_lm, span_corruption, text, ul2
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import vocab as vocab_lib
@@ -56,7 +57,9 @@ def _add(registry, name: str, overwrite: bool, make):
     return make()
 
 
-def _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite) -> seqio.Task:
+def _add_task(
+    name, source, tfds_data_dir, preprocessors, features, overwrite, metric_fns=None
+) -> seqio.Task:
     """Registers a seqio Task over `data_source(source, tfds_data_dir)` (see `_add`)."""
     return _add(
         seqio.TaskRegistry,
@@ -67,6 +70,7 @@ def _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite) -
             source=data_source(source, tfds_data_dir),
             preprocessors=preprocessors,
             output_features=features,
+            metric_fns=list(metric_fns or ()),
         ),
     )
 
@@ -129,8 +133,16 @@ def register_contrastive_task(
     counters: counters_lib.Counters | None = None,
     tfds_data_dir: str | None = None,
     overwrite: bool = False,
+    retrieval_metric: bool = True,
 ) -> seqio.Task:
-    """Registers `name`: (query, positive[, N hard negatives]) token pairs for dual encoders."""
+    """Registers `name`: (query, positive[, N hard negatives]) token pairs for dual encoders.
+
+    With `retrieval_metric` (default) the task carries `retrieval_metrics.retrieval_metric_fn`,
+    so the trainer's periodic eval and `encdec-adapt eval` of an embedding model report
+    nDCG@10, Recall@1/10/100 and MRR@10 of the towers among the eval batches' documents
+    (`evaluation.embedding_task_metrics`); False: only the contrastive loss and in-batch
+    accuracy.
+    """
     vocabulary = vocabulary or vocab_lib.embedded_vocabulary()
     features = {
         "query": seqio.Feature(vocabulary, add_eos=True),
@@ -152,7 +164,10 @@ def register_contrastive_task(
         functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
         seqio.preprocessors.append_eos,
     ]
-    return _add_task(name, source, tfds_data_dir, preprocessors, features, overwrite)
+    metric_fns = [retrieval_metrics.retrieval_metric_fn] if retrieval_metric else []
+    return _add_task(
+        name, source, tfds_data_dir, preprocessors, features, overwrite, metric_fns=metric_fns
+    )
 
 
 def register_classification_task(

@@ -11,6 +11,8 @@ Contrastive (source `stdlib_code_search`): docstring summary line -> function so
   stdlib_code_search_hard_negatives  + 3 hard negatives (other functions of the same module)
   stdlib_code_search_subtokens       queries and code with identifiers split into words and
                                      ASCII lower-cased (data.identifiers: readFile -> read file)
+  Each carries retrieval_metrics.retrieval_metric_fn: the periodic eval of a dual encoder
+  reports nDCG@10, Recall@1/10/100 and MRR@10 among the eval batches' documents.
 Classification (source `stdlib_code_search`): inputs = summary + " | code: " + a function,
   stdlib_code_match        label 1 for its own function, 0 for a hard negative of the same module
   stdlib_code_match_other  label 0 for a function of another example (usually another module)
