@@ -30,6 +30,19 @@ step, and says so). Pretraining is the "released model" cost, reported in its ow
 Resuming: a finished stage leaves a marker (params checkpoint or result.json) and is skipped;
 an interrupted training run resumes from its newest checkpoint (exactly, as any
 `encdec-adapt train`). Delete OUTPUT_DIR/arms/NAME to redo one arm.
+
+Several seeds (whole replicates: pretraining, adaptation and arms again with another SEED):
+
+    python scripts/reproduce.py --seeds=0,1,2 --gin.OUTPUT_DIR=runs/reproduce
+    python scripts/reproduce.py --aggregate runs/reproduce_seed1 runs/reproduce_seed2 \
+        --output seeds.md
+
+`--seeds` runs one ordinary single-seed reproduction per seed in OUTPUT_DIR/seed_N (each
+resumes on its own), then writes OUTPUT_DIR/seeds.md (or `--output`). `--aggregate DIR...`
+trains nothing: it reads each finished run's settings.json and arms/NAME/result.json and prints
+(and with `--output` writes) the same tables: validation losses per seed and their mean, the
+difference of every arm to adapted_ul2 within each seed (mean, min, max), and the probes. Runs
+whose settings differ in anything but SEED and OUTPUT_DIR are refused (exit status 2).
 """
 
 from __future__ import annotations
@@ -90,14 +103,62 @@ class SettingsError(ValueError):
 # ------------------------------------------------------------------------------- settings
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
-    """(gin files, gin binding lines) of the command line; unknown macro names are refused."""
+@dataclasses.dataclass(frozen=True)
+class Command:
+    """The parsed command line.
+
+    files, bindings: gin files and binding lines of the settings; seeds: `--seeds` (None: the
+    single run of SEED); aggregate: the run directories of `--aggregate` (None: train);
+    output: where `--seeds` / `--aggregate` write the seeds table (None: the default).
+    """
+
+    files: list[str]
+    bindings: list[str]
+    seeds: list[int] | None = None
+    aggregate: list[str] | None = None
+    output: str | None = None
+
+
+def parse_seeds(text: str) -> list[int]:
+    """The value of `--seeds`, e.g. "0,1,2" -> [0, 1, 2]: distinct integers >= 0, in order."""
+    seeds = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            seed = int(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{part!r} in {text!r} is not an integer (expected e.g. --seeds=0,1,2)"
+            ) from None
+        if seed < 0:
+            raise argparse.ArgumentTypeError(f"seed {seed} in {text!r} must be >= 0")
+        if seed in seeds:
+            raise argparse.ArgumentTypeError(f"seed {seed} is given twice in {text!r}")
+        seeds.append(seed)
+    return seeds
+
+
+def parse_args(argv: list[str]) -> Command:
+    """The command line; unknown macro names and contradictory modes exit 2 (argparse)."""
     parser = argparse.ArgumentParser(
         prog="scripts/reproduce.py",
         description="Small-scale reproduction of the T5Gemma findings (see the module doc). "
         "Settings: the macros of gin/experiments/reproduce.gin, overridden as --gin.KEY=VALUE.",
     )
     parser.add_argument("--gin_file", action="append", default=[], help="extra gin file(s)")
+    parser.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        help="comma-separated seeds, e.g. 0,1,2: one whole run per seed in OUTPUT_DIR/seed_N, "
+        "then OUTPUT_DIR/seeds.md",
+    )
+    parser.add_argument(
+        "--aggregate",
+        nargs="+",
+        metavar="DIR",
+        help="train nothing: the seeds table of these finished runs' OUTPUT_DIRs",
+    )
+    parser.add_argument("--output", help="the seeds table's file (--seeds / --aggregate)")
     from encdec_adapt.train import gin_value
 
     bindings, rest = [], []
@@ -112,7 +173,16 @@ def parse_args(argv: list[str]) -> tuple[list[str], list[str]]:
         else:
             rest.append(arg)
     args = parser.parse_args(rest)
-    return [DEFAULT_GIN, *args.gin_file], bindings
+    if args.aggregate is not None and (args.seeds is not None or bindings or args.gin_file):
+        parser.error(
+            "--aggregate takes no --seeds, --gin.KEY=VALUE or --gin_file: it reads the "
+            "settings of each DIR (settings.json)"
+        )
+    if args.seeds is not None and any(b.startswith("SEED =") for b in bindings):
+        parser.error("--seeds sets SEED of each run: drop --gin.SEED")
+    if args.output is not None and args.seeds is None and args.aggregate is None:
+        parser.error("--output is the seeds table of --seeds or --aggregate")
+    return Command([DEFAULT_GIN, *args.gin_file], bindings, args.seeds, args.aggregate, args.output)
 
 
 def load_settings(files: list[str], bindings: list[str]) -> dict:
@@ -287,6 +357,32 @@ def write_json(path: str, value) -> None:
     os.replace(tmp, path)  # a marker is whole or absent
 
 
+def settings_path(out: str) -> str:
+    """OUTPUT_DIR/settings.json: the run's settings, written when it starts."""
+    return os.path.join(out, "settings.json")
+
+
+def result_path(out: str, stage: str, name: str) -> str:
+    """OUTPUT_DIR/STAGE/NAME/result.json, the marker and the numbers of a finished stage:
+    STAGE "pretrain" (NAME "small" / "wide") or "arms" (NAME an arm's name)."""
+    return os.path.join(out, stage, name, "result.json")
+
+
+def arm_record(arm: Arm, s: dict, **measured) -> dict:
+    """The arms/NAME/result.json of `arm`: its identity and step budget, then `measured`
+    (params, tokens, FLOPs, wall_s / step_time_s in seconds, losses in nats per target token,
+    the probe metrics)."""
+    return {
+        "name": arm.name,
+        "questions": arm.questions,
+        "init": arm.init,
+        "objective": arm.objective,
+        "note": arm.note,
+        "steps": s["ADAPT_STEPS"],
+        **measured,
+    }
+
+
 class Reproduction:
     """The stages of one reproduction in OUTPUT_DIR; each is skipped when already done."""
 
@@ -328,7 +424,7 @@ class Reproduction:
 
         s = self.s
         scope, model_file, cfg = self.decoders[which]
-        done = read_json(self.path("pretrain", which, "result.json"))
+        done = read_json(result_path(self.out, "pretrain", which))
         if done is not None:
             self.echo(f"pretrain {which}: done ({done['params']})")
             return done
@@ -364,7 +460,7 @@ class Reproduction:
             "step_time_s": summary["step_time_s"],
             "final_train_loss": summary["final_train_loss"],
         }
-        write_json(self.path("pretrain", which, "result.json"), result)
+        write_json(result_path(self.out, "pretrain", which), result)
         return result
 
     # -- stage 2: warm-start checkpoints ------------------------------------------------------
@@ -430,8 +526,7 @@ class Reproduction:
 
     def run_arm(self, arm: Arm, adapted: dict[str, str], teacher: str) -> dict:
         s = self.s
-        result_path = self.path("arms", arm.name, "result.json")
-        done = read_json(result_path)
+        done = read_json(result_path(self.out, "arms", arm.name))
         if done is not None:
             self.echo(f"arm {arm.name}: done")
             return done
@@ -450,27 +545,23 @@ class Reproduction:
             evals = self.final_eval(cfg, params)
             probe = self.probe(cfg, params)
         curve = summary["curve"]
-        result = {
-            "name": arm.name,
-            "questions": arm.questions,
-            "init": arm.init,
-            "objective": arm.objective,
-            "note": arm.note,
-            "num_params": _num_params(cfg, "encoder_decoder"),
-            "steps": s["ADAPT_STEPS"],
-            "tokens": summary["tokens"],
-            "flops": self.arm_flops(arm, cfg),
-            "wall_s": wall,
-            "step_time_s": summary["step_time_s"],
-            "final_train_loss": summary["final_train_loss"],
-            "final_val_loss": curve[-1][1] if curve else float("nan"),
-            "best_val_loss": min(v for _, v in curve) if curve else float("nan"),
-            "curve": curve,
-            "train_curve": summary["train_curve"],
+        result = arm_record(
+            arm,
+            s,
+            num_params=_num_params(cfg, "encoder_decoder"),
+            tokens=summary["tokens"],
+            flops=self.arm_flops(arm, cfg),
+            wall_s=wall,
+            step_time_s=summary["step_time_s"],
+            final_train_loss=summary["final_train_loss"],
+            final_val_loss=curve[-1][1] if curve else float("nan"),
+            best_val_loss=min(v for _, v in curve) if curve else float("nan"),
+            curve=curve,
+            train_curve=summary["train_curve"],
             **evals,
             **probe,
-        }
-        write_json(result_path, result)
+        )
+        write_json(result_path(self.out, "arms", arm.name), result)
         self.echo(
             f"arm {arm.name}: val UL2 {evals['val_ul2']:.4f}, val PrefixLM "
             f"{evals['val_prefix_lm']:.4f}, nDCG@10 {probe.get('ndcg@10', float('nan')):.4f}"
@@ -553,7 +644,7 @@ class Reproduction:
         import encdec_adapt.tasks.embedded  # noqa: F401  (registers the stdlib tasks)
 
         os.makedirs(self.out, exist_ok=True)
-        write_json(self.path("settings.json"), self.s)
+        write_json(settings_path(self.out), self.s)
         small = self.pretrain("small")
         wide = self.pretrain("wide")
         adapted = {
@@ -700,17 +791,270 @@ def plot(arms: list[dict], path_val: str, path_train: str) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
-    files, bindings = parse_args(sys.argv[1:] if argv is None else argv)
+# --------------------------------------------------------------------------- several seeds
+
+#: Settings that may differ between the runs of one seeds table.
+PER_RUN_SETTINGS = ("SEED", "OUTPUT_DIR")
+#: The arm every other arm is compared with, within each seed.
+BASELINE_ARM = "adapted_ul2"
+#: Probe metrics of the seeds table: (result.json key, title); shown when every arm has it.
+PROBE_METRICS = (
+    ("ndcg@10", "nDCG@10"),
+    ("pair_accuracy", "pair accuracy"),
+    ("linear_probe_accuracy", "linear probe"),
+)
+
+
+class AggregateError(ValueError):
+    """Runs that cannot share a seeds table; the message names the directory and the setting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SeedRun:
+    """The machine-readable results of one finished single-seed run (one OUTPUT_DIR).
+
+    path: the directory, as given; settings: its settings.json; arms: arm name -> the arm's
+    arms/NAME/result.json, in make_arms order; pretrained: "small" / "wide" -> its
+    pretrain/WHICH/result.json (missing ones left out).
+    """
+
+    path: str
+    settings: dict
+    arms: dict[str, dict]
+    pretrained: dict[str, dict]
+
+    @property
+    def seed(self) -> int:
+        return self.settings["SEED"]
+
+    def wall_s(self) -> float | None:
+        """Wall time of the training stages in seconds: both pretraining runs and every arm's
+        training run, compilation included (adapt, final evaluation and probes excluded; a
+        resumed stage counts its last invocation). None without both pretraining results."""
+        if set(self.pretrained) != {"small", "wide"}:
+            return None
+        stages = [*self.pretrained.values(), *self.arms.values()]
+        return float(sum(r["wall_s"] for r in stages))
+
+
+def load_seed_run(path: str) -> SeedRun:
+    """The results of the finished reproduction in `path` (its OUTPUT_DIR); AggregateError
+    when it has none, misses an arm, or holds results of other budgets than settings.json."""
+    if not os.path.isdir(path):
+        raise AggregateError(f"{path}: no such directory")
+    settings = read_json(settings_path(path))
+    if settings is None:
+        raise AggregateError(
+            f"{path}: no results of scripts/reproduce.py here (no settings.json, "
+            "no arms/NAME/result.json)"
+        )
+    unset = [k for k in SETTINGS if k not in settings]
+    if unset:
+        raise AggregateError(f"{settings_path(path)}: {', '.join(unset)} not set")
+    names = [a.name for a in make_arms(settings)]
+    found = {n: read_json(result_path(path, "arms", n)) for n in names}
+    found = {n: r for n, r in found.items() if r is not None}
+    if not found:
+        raise AggregateError(
+            f"{path}: no results (no arms/NAME/result.json): no arm of this run has finished"
+        )
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise AggregateError(
+            f"{path}: no result for arm(s) {', '.join(missing)} (arms/NAME/result.json): "
+            "the run has not finished"
+        )
+    for name, result in found.items():
+        if result.get("steps") != settings["ADAPT_STEPS"]:
+            raise AggregateError(
+                f"{result_path(path, 'arms', name)}: steps={result.get('steps')} but "
+                f"settings.json has ADAPT_STEPS={settings['ADAPT_STEPS']}: a result of "
+                "another budget (delete the arm's directory to redo it)"
+            )
+    pretrained = {}
+    for which in ("small", "wide"):
+        result = read_json(result_path(path, "pretrain", which))
+        if result is not None:
+            pretrained[which] = result
+    return SeedRun(path, settings, found, pretrained)
+
+
+def check_same_budgets(runs: list[SeedRun]) -> None:
+    """AggregateError unless all runs have distinct seeds and the first run's settings, apart
+    from PER_RUN_SETTINGS; the message names the run and every differing setting."""
+    first, by_seed = runs[0], {}
+    for run in runs:
+        if run.seed in by_seed:
+            raise AggregateError(
+                f"{run.path}: SEED={run.seed}, as {by_seed[run.seed]}: the runs of a seeds "
+                "table need distinct seeds"
+            )
+        by_seed[run.seed] = run.path
+        differing = [
+            f"{k}={run.settings.get(k)!r} (but {k}={first.settings.get(k)!r} in {first.path})"
+            for k in sorted(set(first.settings) | set(run.settings))
+            if k not in PER_RUN_SETTINGS and run.settings.get(k) != first.settings.get(k)
+        ]
+        if differing:
+            raise AggregateError(
+                f"{run.path}: {'; '.join(differing)}. Only "
+                f"{' and '.join(PER_RUN_SETTINGS)} may differ between the runs of a seeds table"
+            )
+
+
+def per_seed(runs: list[SeedRun], key: str) -> dict[str, list[float]]:
+    """Arm name -> result[key] in each run (runs' order), e.g. key "val_ul2": nats/token."""
+    return {name: [float(run.arms[name][key]) for run in runs] for name in runs[0].arms}
+
+
+def differences(runs: list[SeedRun], key: str) -> dict[str, list[float]]:
+    """Arm name -> result[key] minus BASELINE_ARM's result[key] within each run (runs' order;
+    the baseline itself left out). Same unit as the key (nats/token for the losses)."""
+    values = per_seed(runs, key)
+    base = values[BASELINE_ARM]
+    return {
+        name: [v - b for v, b in zip(vs, base)]
+        for name, vs in values.items()
+        if name != BASELINE_ARM
+    }
+
+
+def _slash(values: list[float], fmt: str = ".3f") -> str:
+    return " / ".join(format(v, fmt) for v in values)
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _question_tags(result: dict) -> str:
+    """ "(a)", "(d)", "(a)(b)": the questions an arm answers."""
+    return "".join(f"({q})" for q in result["questions"].split())
+
+
+def _per_seed_table(runs: list[SeedRun], columns: list[tuple[str, str]], fmt: str) -> list[str]:
+    """Markdown rows: per arm, for each (key, title) column the value of every seed and the
+    mean."""
+    seeds = " / ".join(str(r.seed) for r in runs)
+    head = "| arm | " + " | ".join(f"{title}, seeds {seeds} | mean" for _, title in columns)
+    lines = [head + " |", "|---|" + "---|---:|" * len(columns)]
+    tables = [per_seed(runs, key) for key, _ in columns]
+    for name in runs[0].arms:
+        cells = [f"{_slash(t[name], fmt)} | {_mean(t[name]):{fmt}}" for t in tables]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _difference_table(runs: list[SeedRun]) -> list[str]:
+    """Markdown rows: per arm, the UL2 (PrefixLM) validation-loss difference to BASELINE_ARM
+    in each seed, their mean and min / max, in nats per target token."""
+    ul2, plm = differences(runs, "val_ul2"), differences(runs, "val_prefix_lm")
+    seeds = [f"seed {r.seed}" for r in runs]
+    lines = [
+        "| arm | " + " | ".join(seeds) + " | mean | min / max |",
+        "|---|" + "---:|" * (len(runs) + 2),
+    ]
+    for name in ul2:
+        u, p = ul2[name], plm[name]
+        cells = [f"{a:+.3f} ({b:+.3f})" for a, b in zip(u, p)]
+        cells.append(f"{_mean(u):+.3f} ({_mean(p):+.3f})")
+        cells.append(f"{min(u):+.3f} / {max(u):+.3f} ({min(p):+.3f} / {max(p):+.3f})")
+        tags = _question_tags(runs[0].arms[name])
+        lines.append(f"| {name} {tags} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def seeds_markdown(runs: list[SeedRun]) -> str:
+    """The seeds table of runs that passed check_same_budgets, as markdown."""
+    s = runs[0].settings
+    lines = [
+        "# Seeds of scripts/reproduce.py",
+        "",
+        "Each seed is a whole replicate: both decoder-only stand-ins are pretrained again, and "
+        "the arms draw other initialisations, dropout and data order. Budgets, the same in "
+        f"every run: pretraining {s['PRETRAIN_STEPS']} steps x batch {s['PRETRAIN_BATCH']} x "
+        f"{s['PRETRAIN_LENGTH']} tokens; every arm {s['ADAPT_STEPS']} steps x batch "
+        f"{s['ADAPT_BATCH']} x (inputs {s['INPUT_LENGTH']}, targets {s['TARGET_LENGTH']}) "
+        f"token slots, learning rate {s['ADAPT_LR']}. Tables made by `python scripts/"
+        "reproduce.py --aggregate` from each run's settings.json and arms/NAME/result.json.",
+        "",
+        "| seed | run | wall time (s) |",
+        "|---:|---|---:|",
+    ]
+    for run in runs:
+        wall = run.wall_s()
+        lines.append(f"| {run.seed} | {run.path} | {'n/a' if wall is None else f'{wall:.0f}'} |")
+    lines += [
+        "",
+        "Wall time: the pretraining runs and the arms' training runs, summed (compilation "
+        "included; adapt, final evaluation and probes excluded).",
+        "",
+        "Final validation loss, nats per target token, on the same "
+        f"{s['FINAL_EVAL_BATCHES']} validation batches of each objective:",
+        "",
+        *_per_seed_table(runs, [("val_ul2", "val UL2"), ("val_prefix_lm", "val PrefixLM")], ".3f"),
+        "",
+        f"Difference to {BASELINE_ARM} (the balanced, bidirectional, UL2 arm) within each "
+        "seed, UL2 validation (PrefixLM validation in brackets), nats per target token; "
+        f"negative is better than {BASELINE_ARM}:",
+        "",
+        *_difference_table(runs),
+    ]
+    probes = [
+        (key, title)
+        for key, title in PROBE_METRICS
+        if all(key in r for run in runs for r in run.arms.values())
+    ]
+    if probes:
+        lines += [
+            "",
+            f"Frozen-encoder probes on stdlib_code_search ({s['PROBE_SPLIT']} split; higher "
+            "is better; see results.md):",
+            "",
+            *_per_seed_table(runs, probes, ".3f"),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def aggregate(paths: list[str]) -> str:
+    """The seeds table (markdown) of the finished runs in `paths`, in seed order;
+    AggregateError when a run has no results or the runs' budgets differ."""
+    runs = [load_seed_run(p) for p in paths]
+    check_same_budgets(runs)
+    return seeds_markdown(sorted(runs, key=lambda r: r.seed))
+
+
+def write_seeds_table(paths: list[str], output: str | None) -> int:
+    """Prints (and writes to `output`) the seeds table of `paths`; the exit status."""
     try:
-        settings = load_settings(files, bindings)
-        repro = Reproduction(settings)
-    except (SettingsError, FileNotFoundError, ValueError) as e:
-        print(f"reproduce: bad settings: {e}", file=sys.stderr)
+        text = aggregate(paths)
+    except AggregateError as e:
+        print(f"reproduce: cannot aggregate: {e}", file=sys.stderr)
         return 2
+    print(text)
+    if output:
+        os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+        with open(output, "w") as f:
+            f.write(text)
+        print(f"seeds table: {output}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------ main
+
+
+def seed_settings(cmd: Command, seed: int, output_dir: str) -> dict:
+    """The settings of one seed of `--seeds`: the command's, with SEED = seed and
+    OUTPUT_DIR = output_dir/seed_N."""
+    own = [f"SEED = {seed}", f"OUTPUT_DIR = {os.path.join(output_dir, f'seed_{seed}')!r}"]
+    return load_settings(cmd.files, [*cmd.bindings, *own])
+
+
+def run_one(repro: Reproduction) -> None:
+    """One whole reproduction (finished stages skipped), then results.md and the plots."""
     t0 = time.perf_counter()
     pretrained, arms = repro.run()
-    table = markdown(settings, pretrained, arms)
+    table = markdown(repro.s, pretrained, arms)
     with open(repro.path("results.md"), "w") as f:
         f.write(table)
     plot(arms, repro.path("curves.png"), repro.path("train_curves.png"))
@@ -719,7 +1063,30 @@ def main(argv: list[str] | None = None) -> int:
         f"results: {repro.path('results.md')}; plots: {repro.path('curves.png')}, "
         f"{repro.path('train_curves.png')}; logs: {repro.logs} ({time.perf_counter() - t0:.0f} s)"
     )
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    cmd = parse_args(sys.argv[1:] if argv is None else argv)
+    if cmd.aggregate is not None:
+        return write_seeds_table(cmd.aggregate, cmd.output)
+    try:
+        settings = load_settings(cmd.files, cmd.bindings)
+        if cmd.seeds is None:
+            runs = [settings]
+        else:
+            runs = [seed_settings(cmd, seed, settings["OUTPUT_DIR"]) for seed in cmd.seeds]
+        repros = [Reproduction(s) for s in runs]
+    except (SettingsError, FileNotFoundError, ValueError) as e:
+        print(f"reproduce: bad settings: {e}", file=sys.stderr)
+        return 2
+    for repro in repros:
+        if cmd.seeds is not None:
+            print(f"seed {repro.s['SEED']}: {repro.s['OUTPUT_DIR']}", flush=True)
+        run_one(repro)
+    if cmd.seeds is None:
+        return 0
+    output = cmd.output or os.path.join(settings["OUTPUT_DIR"], "seeds.md")
+    return write_seeds_table([r.s["OUTPUT_DIR"] for r in repros], output)
 
 
 if __name__ == "__main__":
