@@ -35,6 +35,22 @@ def data_cfg():
     )
 
 
+# The reference decodes are compiled as one program each: an eager prefill compiles every op at
+# its shape, seconds per call on CPU.
+@nnx.jit(static_argnames="cfg")
+def direct_encdec_decode(net, encoder_tokens, cfg):
+    """`decoding.decode` of an EncoderDecoder: [B, S] encoder tokens -> [B, cfg.max_decode_len]."""
+    step_fn, logits, state = decoding.encoder_decoder_start(net, encoder_tokens, cfg.max_decode_len)
+    return decoding.decode(step_fn, logits, state, cfg).tokens
+
+
+@nnx.jit(static_argnames="cfg")
+def direct_decode(net, prompts, lengths, cfg):
+    """`decoding.decode` of a DecoderOnly from right-padded [B, P] prompts of `lengths` [B]."""
+    step_fn, logits, state = decoding.decoder_only_start(net, prompts, lengths, cfg.max_decode_len)
+    return decoding.decode(step_fn, logits, state, cfg).tokens
+
+
 def test_predict_mode_writes_decoded_predictions(tmp_path):
     cfg = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
     net = EncoderDecoder(cfg, rngs=nnx.Rngs(0))
@@ -59,10 +75,9 @@ def test_predict_mode_writes_decoded_predictions(tmp_path):
 
     # The same predictions straight from the decoding loop on the first batch.
     batch = next(iter(input_pipeline.make_iterator(data_cfg())))
-    step_fn, logits, state = decoding.encoder_decoder_start(
-        net, jnp.asarray(batch["encoder_input_tokens"]), 6
+    direct = np.asarray(
+        direct_encdec_decode(net, jnp.asarray(batch["encoder_input_tokens"]), decode_cfg)
     )
-    direct = np.asarray(decoding.decode(step_fn, logits, state, decode_cfg).tokens)
     for record, row in zip(records[:8], direct):
         ids = [int(t) for t in row if t != 0]
         ids = ids[: ids.index(1)] if 1 in ids else ids
@@ -224,8 +239,7 @@ def test_jsonl_predict_encoder_decoder(tmp_path, encdec_ckpt, capsys):
 
     encoder_rows = [expected_ids(t, JSONL_LENGTHS["inputs"]) for t in TEXTS]
     assert encoder_rows[1] == [1]  # the empty input is just EOS
-    step_fn, logits, state = decoding.encoder_decoder_start(net, padded(encoder_rows, 12), 5)
-    direct = np.asarray(decoding.decode(step_fn, logits, state, decode_cfg).tokens)
+    direct = np.asarray(direct_encdec_decode(net, padded(encoder_rows, 12), decode_cfg))
     vocab = input_pipeline.vocabularies("stdlib_span_corruption")["targets"]
     for record, row in zip(records, direct):
         assert record["prediction_ids"] == until_eos(row)
@@ -292,8 +306,7 @@ def test_decoder_only_predict_equals_decode(tmp_path, decoder_ckpt):
     )
     prompts = [expected_ids(t, JSONL_LENGTHS["inputs"]) for t in TEXTS]
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    step_fn, logits, state = decoding.decoder_only_start(net, padded(prompts, 18), lengths, 5)
-    direct = np.asarray(decoding.decode(step_fn, logits, state, decode_cfg).tokens)
+    direct = np.asarray(direct_decode(net, padded(prompts, 18), lengths, decode_cfg))
     records = read(out)
     assert [r["inputs"] for r in records] == TEXTS
     for record, row in zip(records, direct):
@@ -323,10 +336,9 @@ def test_decoder_only_predict_equals_decode(tmp_path, decoder_ckpt):
     first_target = np.argmax(batch["decoder_loss_weights"] > 0, axis=1)
     assert np.all(first_target > 0)
     tokens = jnp.asarray(batch["decoder_target_tokens"])
-    step_fn, logits, state = decoding.decoder_only_start(
-        net, tokens, jnp.asarray(first_target, jnp.int32), 5
+    direct = np.asarray(
+        direct_decode(net, tokens, jnp.asarray(first_target, jnp.int32), decode_cfg)
     )
-    direct = np.asarray(decoding.decode(step_fn, logits, state, decode_cfg).tokens)
     vocab = input_pipeline.vocabularies("stdlib_prefix_lm")["inputs"]
     records = read(out)
     assert len(records) == 8

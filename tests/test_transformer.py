@@ -21,14 +21,21 @@ def tokens(shape, seed=0):
     return jnp.asarray(np.random.default_rng(seed).integers(2, CFG.vocab_size, size=shape))
 
 
+# Compiled once per input shape: eager calls compile every op of the model at each new shape,
+# several seconds a call on CPU.
+@nnx.jit
+def forward(m, x, positions=None, segment_ids=None, cache=None, rng=None):
+    return m(x, positions=positions, segment_ids=segment_ids, cache=cache, rng=rng)
+
+
 def test_cached_decoding_equals_full_forward(model):
     x = tokens((2, 12))
-    full, _ = model(x)
+    full, _ = forward(model, x)
     cache = init_cache(CFG, batch_size=2, max_length=16)
-    prefill, cache = model(x[:, :5], cache=cache)
+    prefill, cache = forward(model, x[:, :5], cache=cache)
     steps = [prefill]
     for t in range(5, 12):
-        logits, cache = model(x[:, t : t + 1], positions=jnp.full((2, 1), t), cache=cache)
+        logits, cache = forward(model, x[:, t : t + 1], positions=jnp.full((2, 1), t), cache=cache)
         steps.append(logits)
     assert int(cache.index) == 12
     np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
@@ -38,9 +45,9 @@ def test_packed_segments_do_not_attend_across(model):
     a, b = tokens((1, 7), seed=1), tokens((1, 9), seed=2)
     packed = jnp.concatenate([a, b, jnp.zeros((1, 4), jnp.int32)], axis=1)
     segments = jnp.asarray([[1] * 7 + [2] * 9 + [0] * 4])
-    got, _ = model(packed, segment_ids=segments)
-    alone_a, _ = model(a)
-    alone_b, _ = model(b)
+    got, _ = forward(model, packed, segment_ids=segments)
+    alone_a, _ = forward(model, a)
+    alone_b, _ = forward(model, b)
     np.testing.assert_allclose(got[:, :7], alone_a, atol=1e-5)
     np.testing.assert_allclose(got[:, 7:16], alone_b, atol=1e-5)
 
@@ -55,9 +62,9 @@ def test_default_positions_restart_per_segment():
 def test_dropout_is_seeded():
     m = DecoderOnly(CFG.replace(dropout_rate=0.3), rngs=nnx.Rngs(0))
     x = tokens((2, 8))
-    off1, off2 = m(x)[0], m(x)[0]
-    on1, on2 = m(x, rng=jax.random.key(1))[0], m(x, rng=jax.random.key(1))[0]
-    on3 = m(x, rng=jax.random.key(2))[0]
+    off1, off2 = forward(m, x)[0], forward(m, x)[0]
+    on1, on2 = forward(m, x, rng=jax.random.key(1))[0], forward(m, x, rng=jax.random.key(1))[0]
+    on3 = forward(m, x, rng=jax.random.key(2))[0]
     np.testing.assert_array_equal(off1, off2)
     np.testing.assert_array_equal(on1, on2)
     assert not np.allclose(on1, off1) and not np.allclose(on1, on3)
@@ -67,8 +74,8 @@ def test_bfloat16_compute_close_to_float32(model):
     x = tokens((2, 8))
     m16 = DecoderOnly(CFG.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
     nnx.update(m16, nnx.state(model, nnx.Param))
-    hidden32 = model(x, return_hidden=True)[0]
-    hidden16 = m16(x, return_hidden=True)[0]
+    hidden = nnx.jit(lambda m, x: m(x, return_hidden=True)[0])
+    hidden32, hidden16 = hidden(model, x), hidden(m16, x)
     assert hidden16.dtype == jnp.bfloat16
     assert m16.stack.blocks[0].attn.q[...].dtype == jnp.float32  # params stay float32
     np.testing.assert_allclose(np.asarray(hidden16, np.float32), hidden32, atol=0.1, rtol=0.05)

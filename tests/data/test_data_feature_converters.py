@@ -88,7 +88,10 @@ def test_packed_decoder_only_batch_matches_each_segment_run_alone():
     ds = fc.DecoderOnlyConverter(pack=True)(seq2seq(examples), {"inputs": 24, "targets": 16})
     (batch,) = list(ds.batch(64).as_numpy_iterator())
     assert (batch["decoder_segment_ids"].max(axis=1) >= 2).any()  # really packed
-    logits, _ = model(
+    # Compiled: an eager call compiles every op at each new shape (seconds per call on CPU).
+    forward = nnx.jit(lambda m, tokens, **kw: m(tokens, **kw)[0])
+    logits = forward(
+        model,
         jnp.asarray(batch["decoder_input_tokens"]),
         segment_ids=jnp.asarray(batch["decoder_segment_ids"]),
         positions=jnp.asarray(batch["decoder_positions"]),
@@ -103,7 +106,8 @@ def test_packed_decoder_only_batch_matches_each_segment_run_alone():
     alone_tokens = np.zeros((len(pieces), batch["decoder_input_tokens"].shape[1]), np.int32)
     for i, p in enumerate(pieces):
         alone_tokens[i, : len(p)] = p
-    alone, _ = model(
+    alone = forward(
+        model,
         jnp.asarray(alone_tokens),
         segment_ids=jnp.asarray((np.arange(40) < [[len(p)] for p in pieces]).astype(np.int32)),
     )
