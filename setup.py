@@ -26,6 +26,8 @@ INSTALL_REQUIRES = [
 
 TEST_REQUIRES = [
     "pytest==9.2.0",
+    # The suite runs on two worker processes (scripts/test.sh: -n 2): XLA compiles on one core.
+    "pytest-xdist==3.8.0",
     "ruff==0.17.6",
     # CPU build; on these machines pip takes it from a local wheel.
     "torch==2.13.0",

@@ -6,4 +6,8 @@ source "$(dirname "$0")/env.sh" test
 cd "$ROOT"
 ruff format --check .
 ruff check .
-python -m pytest -q "$@"
+# Two worker processes (pytest-xdist), one file per worker at a time so that a file's module
+# fixtures are built once, in the order of tests/conftest.py (heaviest files first): XLA compiles
+# on one core, so this uses both CPU cores of a CI runner.
+# PYTEST_WORKERS=0 runs in one process (e.g. for pdb).
+python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"

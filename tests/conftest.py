@@ -33,3 +33,26 @@ def embedded_corpus(tmp_path_factory):
         os.environ.pop(corpus.DATA_DIR_ENV)
     else:
         os.environ[corpus.DATA_DIR_ENV] = old
+
+
+# The files that take longest (about a minute or more each on a 2-core runner), heaviest first.
+# scripts/test.sh hands whole files to two workers in collection order; starting with these keeps
+# the run from ending with one worker alone on a long file.
+HEAVY_FIRST = (
+    "test_trainer.py",
+    "test_sharding.py",
+    "test_embedding_models.py",
+    "test_train_resume.py",
+    "test_encdec.py",
+    "test_infer.py",
+    "test_eval_metrics.py",
+    "test_retrieval_eval.py",
+    "test_scan_layers.py",
+    "test_dual_encoder.py",
+    "test_multiprocess.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file

@@ -12,8 +12,9 @@ from encdec_adapt.decoding import DecodeConfig
 from encdec_adapt.tasks import metric_tasks
 from encdec_adapt.trainer import Trainer
 
-# Two layers a side (one local, one global) instead of t5gemma_tiny's four: half the compile time.
-TINY = load_preset("gemma_tiny").replace(num_layers=2)
+# One layer a side (a local one) instead of t5gemma_tiny's four: these tests check the evaluator
+# wiring, not attention; fewer layers compile faster.
+TINY = load_preset("gemma_tiny").replace(num_layers=1)
 PAIR = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
 
 
