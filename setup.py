@@ -39,9 +39,9 @@ setuptools.setup(
     version="0.1.0",
     description=__doc__,
     packages=setuptools.find_packages(include=["encdec_adapt", "encdec_adapt.*"]),
-    package_data={"encdec_adapt": ["data/assets/*.model"]},
+    package_data={"encdec_adapt": ["data/assets/*.model", "configs/*/*.gin"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": TEST_REQUIRES},
-    entry_points={"console_scripts": ["encdec-adapt=encdec_adapt.main:main"]},
+    entry_points={"console_scripts": ["encdec-adapt=encdec_adapt.cli.main:main"]},
 )

@@ -5,9 +5,24 @@ The names here need neither TensorFlow nor torch; the data pipeline lives in
 `encdec_adapt.convert`.
 """
 
-from encdec_adapt.adapt import CROSS_ATTENTION, WarmStart, freeze, trainable_mask, warm_start
-from encdec_adapt.classifier import Classifier
-from encdec_adapt.config import (
+from encdec_adapt.evaluation.encode import MTEBEncoder, TextEncoder
+from encdec_adapt.evaluation.retrieval_metrics import RetrievalSplit, retrieval_metric_fn
+from encdec_adapt.models.contrastive import (
+    ContrastiveConfig,
+    contrastive_loss,
+    sharded_contrastive_loss,
+)
+from encdec_adapt.models.decoding import DecodeConfig, Decoded, decode
+from encdec_adapt.models.embedding import ClassifierModel, DualEncoderModel
+from encdec_adapt.models.warm_start import (
+    CROSS_ATTENTION,
+    WarmStart,
+    freeze,
+    trainable_mask,
+    warm_start,
+)
+from encdec_adapt.nn.classifier import Classifier
+from encdec_adapt.nn.config import (
     AttentionType,
     ClassifierConfig,
     EncoderDecoderConfig,
@@ -15,15 +30,10 @@ from encdec_adapt.config import (
     load_encdec_preset,
     load_preset,
 )
-from encdec_adapt.contrastive import ContrastiveConfig, contrastive_loss, sharded_contrastive_loss
-from encdec_adapt.decoding import DecodeConfig, Decoded, decode
-from encdec_adapt.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
-from encdec_adapt.embedding_models import ClassifierModel, DualEncoderModel
-from encdec_adapt.encdec import Encoder, EncoderDecoder
-from encdec_adapt.encode import MTEBEncoder, TextEncoder
-from encdec_adapt.retrieval_metrics import RetrievalSplit, retrieval_metric_fn
-from encdec_adapt.sharding import MeshRules, create_sharded, use_mesh
-from encdec_adapt.transformer import DecodeCache, DecoderOnly, init_cache
+from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
+from encdec_adapt.nn.encdec import Encoder, EncoderDecoder
+from encdec_adapt.nn.transformer import DecodeCache, DecoderOnly, init_cache
+from encdec_adapt.parallel.sharding import MeshRules, create_sharded, use_mesh
 
 __all__ = [
     "CROSS_ATTENTION",

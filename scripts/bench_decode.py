@@ -28,10 +28,11 @@ import torch
 import transformers
 from flax import nnx
 
-from encdec_adapt import decoding, params_io
-from encdec_adapt.config import EncoderDecoderConfig
 from encdec_adapt.convert import import_hf
-from encdec_adapt.encdec import EncoderDecoder
+from encdec_adapt.models import decoding
+from encdec_adapt.nn.config import EncoderDecoderConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.storage import params_io
 
 # ~50M parameters per side of the pair; Gemma 2 layout (local/global, soft-caps).
 MODULE = dict(

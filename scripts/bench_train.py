@@ -26,8 +26,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from encdec_adapt import models, optim, sharding, trainer
-from encdec_adapt.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.models import generative as models
+from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import optim, trainer
 
 
 def bench_config(small: bool) -> EncoderDecoderConfig:

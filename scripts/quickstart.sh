@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One command on a fresh machine: creates .venv, installs the project, then runs the main job on
-# the embedded default data (encdec_adapt/quickstart.py): pretrain a tiny Gemma-2-style decoder,
+# the embedded default data (experiments/quickstart.py): pretrain a tiny Gemma-2-style decoder,
 # adapt it to a T5Gemma encoder-decoder with UL2 and with PrefixLM + KD, train a dual encoder from
 # it, evaluate, decode, plot, and print a summary table with the paths of the results.
 #
@@ -12,4 +12,4 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$ROOT"
 export QUICKSTART_DIR="${QUICKSTART_DIR:-$ROOT/runs/quickstart}"
-exec python -m encdec_adapt.quickstart "$@"
+exec python -m experiments.quickstart "$@"

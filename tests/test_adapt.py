@@ -10,11 +10,14 @@ import optax
 import pytest
 from flax import nnx
 
-from encdec_adapt import adapt, config, main, params_io
-from encdec_adapt.config import EncoderDecoderConfig
-from encdec_adapt.encdec import EncoderDecoder
-from encdec_adapt.params_io import CheckpointError
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.cli import main
+from encdec_adapt.models import warm_start as adapt
+from encdec_adapt.nn import config
+from encdec_adapt.nn.config import EncoderDecoderConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.storage import params_io
+from encdec_adapt.storage.params_io import CheckpointError
 
 TINY = config.load_preset("gemma_tiny").replace(vocab_size=128, num_layers=2, sliding_window=3)
 WIDE = TINY.replace(embed_dim=96, num_layers=3)  # the "9B" of a tiny unbalanced pair

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from encdec_adapt.bm25 import BM25, tokenize
+from encdec_adapt.evaluation.bm25 import BM25, tokenize
 
 
 def test_tokenize_splits_identifiers():

@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from encdec_adapt import checkpoints, models, optim, sharding, trainer
-from encdec_adapt.config import load_preset
+from encdec_adapt.models import generative as models
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import checkpoints, optim, trainer
 
 CONFIG = load_preset("gemma_tiny").replace(
     vocab_size=64, num_layers=1, embed_dim=32, hidden_dim=64, num_heads=2, num_kv_heads=1

@@ -6,10 +6,11 @@ import optax
 import pytest
 from flax import nnx
 
-from encdec_adapt import config, params_io
-from encdec_adapt.classifier import Classifier, pool, warm_start_classifier
-from encdec_adapt.config import ClassifierConfig, EncoderDecoderConfig, Pooling
-from encdec_adapt.encdec import EncoderDecoder
+from encdec_adapt.nn import config
+from encdec_adapt.nn.classifier import Classifier, pool, warm_start_classifier
+from encdec_adapt.nn.config import ClassifierConfig, EncoderDecoderConfig, Pooling
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.storage import params_io
 
 TINY = config.load_preset("gemma_tiny").replace(vocab_size=64, num_layers=2, sliding_window=3)
 

@@ -9,8 +9,12 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from encdec_adapt import sharding
-from encdec_adapt.contrastive import ContrastiveConfig, contrastive_loss, sharded_contrastive_loss
+from encdec_adapt.models.contrastive import (
+    ContrastiveConfig,
+    contrastive_loss,
+    sharded_contrastive_loss,
+)
+from encdec_adapt.parallel import sharding
 
 B, K, D = 8, 2, 16
 

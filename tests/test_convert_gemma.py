@@ -13,10 +13,11 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from encdec_adapt import main, params_io
-from encdec_adapt.config import GemmaConfig
+from encdec_adapt.cli import main
 from encdec_adapt.convert import gemma, load_hf_decoder
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.nn.config import GemmaConfig
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.storage import params_io
 
 # Right padding; the longest rows are longer than the sliding window (4).
 LENGTHS = [13, 7, 3]
@@ -169,7 +170,7 @@ def test_import_gemma_cli_reads_kaggle_orbax_layout(tmp_path, capsys):
     ocp.PyTreeCheckpointer().save(kaggle, flat)
     cfg = gemma.config_from_hf(torch_model.config.to_dict(), "test")
     preset = tmp_path / "tiny.gin"
-    lines = ["import encdec_adapt.config"]
+    lines = ["import encdec_adapt.nn.config"]
     for key, value in cfg.to_dict().items():
         value = tuple(value) if isinstance(value, list) else value
         lines.append(f"tiny/GemmaConfig.{key} = {value!r}")

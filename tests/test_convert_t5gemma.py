@@ -13,11 +13,13 @@ import transformers
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from encdec_adapt import adapt, main, params_io
-from encdec_adapt.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.cli import main
 from encdec_adapt.convert import t5gemma
-from encdec_adapt.encdec import EncoderDecoder
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.models import warm_start as adapt
+from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.storage import params_io
 
 # Encoder rows longer than the sliding window (3), right and left padding, and an empty-ish row.
 ENC_LENGTHS = [11, 6, 2]

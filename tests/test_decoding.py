@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from encdec_adapt import decoding
 from encdec_adapt.convert import load_hf_decoder
+from encdec_adapt.models import decoding
 
 MAX_LEN = 10
 PROMPT_LENGTHS = [5, 2, 7]

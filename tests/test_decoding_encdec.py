@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import decoding
-from encdec_adapt.config import EncoderDecoderConfig, load_preset
-from encdec_adapt.encdec import EncoderDecoder
+from encdec_adapt.models import decoding
+from encdec_adapt.nn.config import EncoderDecoderConfig, load_preset
+from encdec_adapt.nn.encdec import EncoderDecoder
 
 TINY = load_preset("gemma_tiny").replace(num_layers=2, vocab_size=64, sliding_window=3)
 MAX_LEN = 8
@@ -63,8 +63,8 @@ def test_greedy_and_scores_equal_transformers_t5gemma(tmp_path):
     import torch
     import transformers
 
-    from encdec_adapt import params_io
     from encdec_adapt.convert import import_hf
+    from encdec_adapt.storage import params_io
 
     module = dict(
         vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import params_io
-from encdec_adapt.config import load_preset
-from encdec_adapt.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
-from encdec_adapt.encode import MTEBEncoder, TextEncoder
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.evaluation.encode import MTEBEncoder, TextEncoder
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.storage import params_io
 
 TOWER = load_preset("gemma_tiny").replace(num_layers=2, vocab_size=300)
 

@@ -12,16 +12,17 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from encdec_adapt import main, params_io
-from encdec_adapt import retrieval_metrics as rm
-from encdec_adapt.bm25 import BM25, evaluate_bm25
-from encdec_adapt.config import load_preset
-from encdec_adapt.dual_encoder import DualEncoder, DualEncoderConfig
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.cli import main
+from encdec_adapt.evaluation import retrieval_metrics as rm
+from encdec_adapt.evaluation.bm25 import BM25, evaluate_bm25
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.storage import params_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_GIN = "gin/models/gemma_tiny.gin"
-EMBED_GIN = "gin/runs/embed.gin"
+MODEL_GIN = "models/gemma_tiny.gin"
+EMBED_GIN = "runs/embed.gin"
 TASK = "tiny_code_search_for_embed"
 PAIRS = [
     ("Read a file and return its text.", "def read_file(path):\n    return open(path).read()"),

@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import optim, params_io, sharding, trainer
-from encdec_adapt.config import ClassifierConfig, EncoderDecoderConfig, load_preset
-from encdec_adapt.contrastive import ContrastiveConfig
-from encdec_adapt.dual_encoder import DualEncoderConfig
-from encdec_adapt.embedding_models import ClassifierModel, DualEncoderModel, _batch_axes
-from encdec_adapt.encdec import EncoderDecoder
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.models.contrastive import ContrastiveConfig
+from encdec_adapt.models.embedding import ClassifierModel, DualEncoderModel, _batch_axes
+from encdec_adapt.nn.config import ClassifierConfig, EncoderDecoderConfig, load_preset
+from encdec_adapt.nn.dual_encoder import DualEncoderConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import optim, trainer
+from encdec_adapt.storage import params_io
 
 VOCAB, LENGTH, BATCH, NEG = 64, 8, 16, 2
 
@@ -181,7 +183,7 @@ def test_classifier_learns_and_warm_starts(tmp_path):
 
 def test_rows_of_padding_count_for_nothing():
     """An eval loop pads its last batch with all-zero rows: metric sums must not change."""
-    from encdec_adapt.contrastive import contrastive_loss
+    from encdec_adapt.models.contrastive import contrastive_loss
 
     cfg = ContrastiveConfig(same_tower_negatives=True, spread_out_weight=0.1)
     rng = np.random.default_rng(0)

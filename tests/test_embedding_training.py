@@ -9,7 +9,7 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from encdec_adapt import input_pipeline
+from encdec_adapt.data import input_pipeline
 
 VOCAB = 64
 LOW, HIGH = "tiny_low_tokens", "tiny_high_tokens"
@@ -139,10 +139,11 @@ def test_doc_topic_task(embedded_corpus):
 
 def _dual_encoder_run(model_dir, stop_after=None):
     """A tiny dual encoder on stdlib_code_search_hard_negatives for 4 steps (checkpoint each 2)."""
-    from encdec_adapt import checkpoints, optim, sharding, train
-    from encdec_adapt.config import load_preset
-    from encdec_adapt.dual_encoder import DualEncoderConfig
-    from encdec_adapt.embedding_models import DualEncoderModel
+    from encdec_adapt.models.embedding import DualEncoderModel
+    from encdec_adapt.nn.config import load_preset
+    from encdec_adapt.nn.dual_encoder import DualEncoderConfig
+    from encdec_adapt.parallel import sharding
+    from encdec_adapt.runtime import checkpoints, optim, train
 
     tower = load_preset("gemma_tiny").replace(num_layers=1, embed_dim=32, hidden_dim=64)
     return train.train(

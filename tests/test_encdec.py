@@ -6,10 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import config, params_io, sharding
-from encdec_adapt.adapt import encdec_shapes
-from encdec_adapt.config import EncoderDecoderConfig
-from encdec_adapt.encdec import EncoderDecoder
+from encdec_adapt.models.warm_start import encdec_shapes
+from encdec_adapt.nn import config
+from encdec_adapt.nn.config import EncoderDecoderConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.parallel import sharding
+from encdec_adapt.storage import params_io
 
 # Smaller than gemma_tiny (tests run on 2 shared cores); local + global layers, small window.
 TINY = config.load_preset("gemma_tiny").replace(vocab_size=128, num_layers=2, sliding_window=3)

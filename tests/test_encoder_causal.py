@@ -8,7 +8,7 @@ from flax import nnx
 
 from encdec_adapt import load_encdec_preset
 from encdec_adapt.convert.t5gemma import check_exportable
-from encdec_adapt.encdec import EncoderDecoder
+from encdec_adapt.nn.encdec import EncoderDecoder
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -5,12 +5,15 @@ predictions and the scores of the same rows that `infer` would produce."""
 import numpy as np
 import pytest
 
-from encdec_adapt import evaluation, input_pipeline, models, optim, sharding
-from encdec_adapt.config import EncoderDecoderConfig, load_preset
-from encdec_adapt.data import metrics
-from encdec_adapt.decoding import DecodeConfig
+from encdec_adapt.data import input_pipeline, metrics
+from encdec_adapt.evaluation import evaluator as evaluation
+from encdec_adapt.models import generative as models
+from encdec_adapt.models.decoding import DecodeConfig
+from encdec_adapt.nn.config import EncoderDecoderConfig, load_preset
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import optim
+from encdec_adapt.runtime.trainer import Trainer
 from encdec_adapt.tasks import metric_tasks
-from encdec_adapt.trainer import Trainer
 
 # One layer a side (a local one) instead of t5gemma_tiny's four: these tests check the evaluator
 # wiring, not attention; fewer layers compile faster.
@@ -80,7 +83,7 @@ def test_task_metrics_get_decoded_targets_predictions_and_scores():
 def test_periodic_eval_in_train_logs_task_metrics(tmp_path):
     import json
 
-    from encdec_adapt import train as train_lib
+    from encdec_adapt.runtime import train as train_lib
 
     metric_tasks.register_with_metrics(
         "test_counting_eval",

@@ -1,5 +1,5 @@
-"""Every gin file under gin/ parses, run files build their configs, and bad gin fails early
-with the file and line (or the binding) named."""
+"""Every shipped and experiment gin file parses, run files build their configs, and bad gin fails
+early with the file and line (or the binding) named."""
 
 import glob
 import os
@@ -8,11 +8,15 @@ import sys
 import gin
 import pytest
 
-from encdec_adapt import train
+from encdec_adapt.nn import config as config_lib
+from encdec_adapt.runtime import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-GIN_FILES = sorted(glob.glob(os.path.join(REPO, "gin", "**", "*.gin"), recursive=True))
-MODEL_FILE = os.path.join(REPO, "gin", "models", "gemma_tiny.gin")
+GIN_FILES = sorted(
+    glob.glob(os.path.join(REPO, "encdec_adapt", "configs", "**", "*.gin"), recursive=True)
+    + glob.glob(os.path.join(REPO, "experiments", "configs", "*.gin"))
+)
+MODEL_FILE = os.path.join(REPO, "encdec_adapt", "configs", "models", "gemma_tiny.gin")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # tiny_seqio_task
 
 
@@ -25,7 +29,7 @@ def clean_gin():
 
 
 def test_there_are_run_files():
-    runs = [f for f in GIN_FILES if "/gin/runs/" in f]
+    runs = [f for f in GIN_FILES if "/configs/runs/" in f]
     expected = {"pretrain.gin", "finetune.gin", "eval.gin", "infer.gin", "synthetic.gin"}
     expected |= {"adapt_prefixlm.gin", "adapt_ul2.gin"}
     expected |= {"contrastive.gin", "classify.gin", "dual_encoder_model.gin"}
@@ -34,7 +38,7 @@ def test_there_are_run_files():
 
 # Run files that need an encoder-decoder model file (and the bindings they leave required
 # that the configs built below need).
-ENCDEC_FILE = os.path.join(REPO, "gin", "models", "t5gemma_tiny.gin")
+ENCDEC_FILE = os.path.join(REPO, "encdec_adapt", "configs", "models", "t5gemma_tiny.gin")
 RUN_MODEL = {
     "adapt_prefixlm.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "adapt_ul2.gin": (ENCDEC_FILE, []),
@@ -49,7 +53,8 @@ RUN_MODEL = {
 def test_gin_file_parses(path):
     """Model files parse alone; every other file parses on top of a model file."""
     model_file, bindings = RUN_MODEL.get(os.path.basename(path), (MODEL_FILE, []))
-    files = [path] if "/gin/models/" in path else [model_file, path]
+    files = [path] if "/configs/models/" in path else [model_file, path]
+    config_lib.add_gin_search_path(*files)
     # not finalized: run files leave MODEL_DIR, TRAIN_TASK, ... to the command line
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=False)
     # configurables that need no data are built, so their values are type-checked too
@@ -74,7 +79,7 @@ def _write(tmp_path, text):
 
 
 def test_unknown_binding_names_file_and_line(tmp_path, capsys):
-    bad = _write(tmp_path, "include 'gin/runs/synthetic.gin'\n\nOptimizerConfig.lr = 0.1\n")
+    bad = _write(tmp_path, "include 'runs/synthetic.gin'\n\nOptimizerConfig.lr = 0.1\n")
     code, err = _run(capsys, f"--gin_file={MODEL_FILE}", f"--gin_file={bad}")
     assert code == 2
     assert "doesn't have a parameter named 'lr'" in err
@@ -82,14 +87,14 @@ def test_unknown_binding_names_file_and_line(tmp_path, capsys):
 
 
 def test_missing_required_value(tmp_path, capsys):
-    code, err = _run(capsys, f"--gin_file={MODEL_FILE}", "--gin_file=gin/runs/synthetic.gin")
+    code, err = _run(capsys, f"--gin_file={MODEL_FILE}", "--gin_file=runs/synthetic.gin")
     assert code == 2
     assert "MODEL_DIR/macro.value set to `%gin.REQUIRED` but not subsequently overridden" in err
     assert not os.path.exists(tmp_path / "run")
 
 
 def test_wrong_type_in_file_names_file_and_line(tmp_path, capsys):
-    bad = _write(tmp_path, "include 'gin/runs/synthetic.gin'\nOptimizerConfig.warmup_steps = 'x'\n")
+    bad = _write(tmp_path, "include 'runs/synthetic.gin'\nOptimizerConfig.warmup_steps = 'x'\n")
     code, err = _run(
         capsys, f"--gin_file={MODEL_FILE}", f"--gin_file={bad}", f"--gin.MODEL_DIR={tmp_path}/run"
     )
@@ -103,7 +108,7 @@ def test_wrong_type_on_command_line(tmp_path, capsys):
     code, err = _run(
         capsys,
         f"--gin_file={MODEL_FILE}",
-        "--gin_file=gin/runs/synthetic.gin",
+        "--gin_file=runs/synthetic.gin",
         f"--gin.MODEL_DIR={tmp_path}/run",
         "--gin.DecoderOnlyModel.label_smoothing=2",
     )
@@ -118,7 +123,7 @@ def test_unknown_task_suggests_names(tmp_path, capsys):
     code, err = _run(
         capsys,
         f"--gin_file={MODEL_FILE}",
-        "--gin_file=gin/runs/pretrain.gin",
+        "--gin_file=runs/pretrain.gin",
         f"--gin.MODEL_DIR={tmp_path}/run",
         f"--gin.TRAIN_TASK={tiny_seqio_task.TASK[:-1]}",
     )

@@ -8,13 +8,17 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import decoding, input_pipeline, params_io, sharding, train
-from encdec_adapt.config import EncoderDecoderConfig, load_preset
-from encdec_adapt.encdec import EncoderDecoder
-from encdec_adapt.infer import infer
-from encdec_adapt.jsonl_inputs import JsonlInputs
-from encdec_adapt.models import DecoderOnlyModel, EncoderDecoderModel
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.data import input_pipeline
+from encdec_adapt.data.jsonl_inputs import JsonlInputs
+from encdec_adapt.models import decoding
+from encdec_adapt.models.generative import DecoderOnlyModel, EncoderDecoderModel
+from encdec_adapt.nn.config import EncoderDecoderConfig, load_preset
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import train
+from encdec_adapt.runtime.infer import infer
+from encdec_adapt.storage import params_io
 
 TINY = load_preset("gemma_tiny").replace(num_layers=2)
 LENGTHS = {"inputs": 64, "targets": 16}
@@ -376,9 +380,10 @@ def test_bad_jsonl_config():
 
 # ---- the command line: bad decoding options and bad files fail before any compute -------------
 
-REPO = train.REPO_ROOT
-ENCDEC_GIN = f"--gin_file={REPO}/gin/models/t5gemma_tiny.gin"
-JSONL_GIN = f"--gin_file={REPO}/gin/runs/infer_jsonl.gin"
+from encdec_adapt.nn.config import CONFIGS_DIR as REPO  # noqa: E402
+
+ENCDEC_GIN = f"--gin_file={REPO}/models/t5gemma_tiny.gin"
+JSONL_GIN = f"--gin_file={REPO}/runs/infer_jsonl.gin"
 
 
 @pytest.fixture
@@ -430,7 +435,7 @@ def test_cli_unknown_decoding_option_and_bad_file(tmp_path, capsys, clean_gin):
     code, err = cli(capsys, tmp_path, "--gin.DecodeConfig.nucleus_p=0.9")
     assert code == 2 and "nucleus_p" in err
     bad = tmp_path / "bad.gin"
-    bad.write_text(f"include '{REPO}/gin/runs/infer_jsonl.gin'\n\nDecodeConfig.beam_size = -1\n")
+    bad.write_text(f"include '{REPO}/runs/infer_jsonl.gin'\n\nDecodeConfig.beam_size = -1\n")
     import gin
 
     gin.clear_config()

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from encdec_adapt import losses
+from encdec_adapt.models import losses
 
 
 def _log_softmax(x):

@@ -30,7 +30,7 @@ def _start(model_dir, devices, *extra):
     cmd = [
         sys.executable,
         "-m",
-        "encdec_adapt.main",
+        "encdec_adapt.cli.main",
         "train",
         *TINY,
         f"--gin.MODEL_DIR={model_dir}",

@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from encdec_adapt import optim
+from encdec_adapt.runtime import optim
 
 
 def _lr(cfg, step):

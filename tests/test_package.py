@@ -4,7 +4,7 @@ import importlib
 import subprocess
 import sys
 
-from encdec_adapt import main
+from encdec_adapt.cli import main
 
 
 def test_model_api_imports_without_tensorflow_or_torch():

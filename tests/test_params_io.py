@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from encdec_adapt import models, params_io
+from encdec_adapt.models import generative as models
+from encdec_adapt.storage import params_io
 
 
 def test_check_writable_refuses_an_existing_output_unless_overwrite(tmp_path):

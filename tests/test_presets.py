@@ -4,8 +4,8 @@ import jax
 import pytest
 from flax import nnx
 
-from encdec_adapt.config import PRESETS, load_preset
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.nn.config import PRESETS, load_preset
+from encdec_adapt.nn.transformer import DecoderOnly
 
 # Published totals (HF model cards / papers), with the digits they are published to.
 PUBLISHED = {

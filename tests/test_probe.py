@@ -1,9 +1,9 @@
-"""encdec_adapt.probe: retrieval scored as `encdec-adapt embed` scores it, and the pooling."""
+"""experiments.probe: retrieval scored as `encdec-adapt embed` scores it, and the pooling."""
 
 import numpy as np
 
-from encdec_adapt import probe
-from encdec_adapt.retrieval_metrics import RetrievalSplit
+from encdec_adapt.evaluation.retrieval_metrics import RetrievalSplit
+from experiments import probe
 
 
 def _pairs(n, duplicate_last=False):

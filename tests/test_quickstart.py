@@ -13,11 +13,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import export_params, load_preset, main, params_io, quickstart
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt import load_preset
+from encdec_adapt.cli import main
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.runtime import export_params
+from encdec_adapt.storage import params_io
+from experiments import quickstart
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL_FILE = os.path.join(REPO, "gin", "models", "gemma_tiny.gin")
+MODEL_FILE = os.path.join(REPO, "encdec_adapt", "configs", "models", "gemma_tiny.gin")
 # 20 pretraining steps (checkpoints every 5: room to kill it mid-stage), 6 per adaptation.
 SCALE = 0.05
 
@@ -28,7 +32,7 @@ def _train_synthetic(model_dir, steps=4):
         [
             "train",
             f"--gin_file={MODEL_FILE}",
-            "--gin_file=gin/runs/synthetic.gin",
+            "--gin_file=runs/synthetic.gin",
             f"--gin.MODEL_DIR={model_dir}",
             f"--gin.TRAIN_STEPS={steps}",
             "--gin.CheckpointConfig.save_interval_steps=2",
@@ -120,7 +124,7 @@ def _env(out):
 def test_quickstart_killed_mid_training_resumes_and_prints_the_table(embedded_corpus, tmp_path):
     out = tmp_path / "qs"
     budget = quickstart.Budget().scaled(SCALE)
-    cmd = [sys.executable, "-m", "encdec_adapt.quickstart"]
+    cmd = [sys.executable, "-m", "experiments.quickstart"]
     log = open(tmp_path / "first.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(cmd, cwd=REPO, env=_env(out), stdout=log, stderr=subprocess.STDOUT)
     # SIGKILL as soon as the pretraining stage has a checkpoint (and has not finished).

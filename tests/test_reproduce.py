@@ -1,4 +1,4 @@
-"""scripts/reproduce.py: settings, the report, the seeds table (--seeds / --aggregate), and
+"""experiments/reproduce.py: settings, the report, the seeds table (--seeds / --aggregate), and
 (slow) an end-to-end run with resume."""
 
 import importlib.util
@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def reproduce():
     spec = importlib.util.spec_from_file_location(
-        "reproduce", os.path.join(REPO, "scripts", "reproduce.py")
+        "reproduce", os.path.join(REPO, "experiments", "reproduce.py")
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules["reproduce"] = module  # dataclasses look their module up while the class is made
@@ -150,7 +150,7 @@ def _losses(seed):
 
 
 def _fake_run(reproduce, out, seed, losses=None, overrides=(), arms=None):
-    """A finished run's directory as scripts/reproduce.py leaves it (settings.json,
+    """A finished run's directory as experiments/reproduce.py leaves it (settings.json,
     pretrain/WHICH/result.json, arms/NAME/result.json), made without training; returns its
     settings. `arms`: the arms written (default: all)."""
     s = _settings(reproduce, [f"--gin.SEED={seed}", f"--gin.OUTPUT_DIR={out}", *overrides])
@@ -280,7 +280,7 @@ def test_aggregate_refuses_two_runs_of_one_seed(reproduce, tmp_path, capsys):
     ("make", "message"),
     [
         ("missing", "{d}: no such directory"),
-        ("empty", "{d}: no results of scripts/reproduce.py here (no settings.json"),
+        ("empty", "{d}: no results of experiments/reproduce.py here (no settings.json"),
         ("settings_only", "{d}: no results (no arms/NAME/result.json)"),
         ("two_arms", "{d}: no result for arm(s) causal_encoder_ul2, adapted_prefixlm_kd, "),
         (

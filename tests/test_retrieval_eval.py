@@ -11,14 +11,16 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from encdec_adapt import evaluation, input_pipeline, optim, sharding
-from encdec_adapt import retrieval_metrics as rm
-from encdec_adapt.config import load_preset
-from encdec_adapt.data import registry
-from encdec_adapt.dual_encoder import DualEncoderConfig
-from encdec_adapt.embedding_models import DualEncoderModel
-from encdec_adapt.encode import TextEncoder
-from encdec_adapt.trainer import Trainer
+from encdec_adapt.data import input_pipeline, registry
+from encdec_adapt.evaluation import evaluator as evaluation
+from encdec_adapt.evaluation import retrieval_metrics as rm
+from encdec_adapt.evaluation.encode import TextEncoder
+from encdec_adapt.models.embedding import DualEncoderModel
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.nn.dual_encoder import DualEncoderConfig
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import optim
+from encdec_adapt.runtime.trainer import Trainer
 
 TASK, NO_METRIC_TASK = "tiny_retrieval_eval", "tiny_retrieval_eval_no_metric"
 QUERY_PROMPT, DOCUMENT_PROMPT = "query: ", "code: "
@@ -171,8 +173,8 @@ def test_opt_out_and_default_tasks(setup, embedded_corpus):
 def test_periodic_eval_and_eval_command_log_retrieval_metrics(setup, tmp_path):
     """Two training steps on 8 devices with an eval at step 2: the eval record has the retrieval
     metrics of the step-2 towers, equal to `eval` (infer.evaluate) of the saved checkpoint."""
-    from encdec_adapt import checkpoints, infer
-    from encdec_adapt import train as train_lib
+    from encdec_adapt.runtime import checkpoints, infer
+    from encdec_adapt.runtime import train as train_lib
 
     model, eval_data = tiny_model(), data(batch_size=8)
     train_lib.train(

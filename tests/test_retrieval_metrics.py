@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from encdec_adapt import retrieval_metrics as rm
+from encdec_adapt.evaluation import retrieval_metrics as rm
 
 
 def test_ndcg_hand_computed():

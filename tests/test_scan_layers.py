@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from encdec_adapt import load_encdec_preset, load_preset, models
-from encdec_adapt.transformer import DecoderOnly, apply_scan, pattern_period
+from encdec_adapt import load_encdec_preset, load_preset
+from encdec_adapt.models import generative as models
+from encdec_adapt.nn.transformer import DecoderOnly, apply_scan, pattern_period
 
 
 def test_pattern_period():

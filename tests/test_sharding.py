@@ -7,9 +7,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from encdec_adapt import sharding
-from encdec_adapt.config import GemmaConfig, load_preset
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.nn.config import GemmaConfig, load_preset
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.parallel import sharding
 
 TINY = load_preset("gemma_tiny")
 # Gemma 3 layout: a single kv head (cannot be split over "tensor"), QK-norm, no soft-caps.

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt import params_io
-from encdec_adapt.config import load_preset
-from encdec_adapt.soup import average_params, soup_checkpoints
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.runtime.soup import average_params, soup_checkpoints
+from encdec_adapt.storage import params_io
 
 CFG = load_preset("gemma_tiny").replace(num_layers=1, vocab_size=64)
 

@@ -1,6 +1,6 @@
 """Exact resume of `encdec-adapt train` after SIGKILL / SIGTERM, corrupt checkpoints, NaN stop.
 
-The trainer runs in a subprocess (`python -m encdec_adapt.main train ...`) on 2 fake CPU
+The trainer runs in a subprocess (`python -m encdec_adapt.cli.main train ...`) on 2 fake CPU
 devices, and is killed while it runs. Runs compare every leaf of the final train state (params,
 optimizer moments, step, RNG) bit for bit with an uninterrupted run.
 """
@@ -18,8 +18,8 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
 TINY = [
-    "--gin_file=gin/models/gemma_tiny.gin",
-    "--gin_file=gin/runs/synthetic.gin",
+    "--gin_file=models/gemma_tiny.gin",
+    "--gin_file=runs/synthetic.gin",
     "--gin.gemma_tiny/GemmaConfig.vocab_size=64",
     "--gin.gemma_tiny/GemmaConfig.num_layers=1",
     "--gin.gemma_tiny/GemmaConfig.embed_dim=32",
@@ -44,7 +44,7 @@ def _cmd(model_dir, *extra, steps=STEPS):
     return [
         sys.executable,
         "-m",
-        "encdec_adapt.main",
+        "encdec_adapt.cli.main",
         "train",
         *TINY,
         f"--gin.MODEL_DIR={model_dir}",
@@ -206,7 +206,7 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
 
     import gin
 
-    from encdec_adapt import train
+    from encdec_adapt.runtime import train
 
     task_gin = tmp_path / "task.gin"
     task_gin.write_text("import tiny_seqio_task\n")
@@ -222,7 +222,7 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
             "eval",
             [
                 *common,
-                "--gin_file=gin/runs/eval.gin",
+                "--gin_file=runs/eval.gin",
                 "--gin.EVAL_TASK=tiny_synthetic_lm",
                 "--gin.evaluate.eval_batches=2",
             ],
@@ -237,7 +237,7 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
             "infer",
             [
                 *common,
-                "--gin_file=gin/runs/infer.gin",
+                "--gin_file=runs/infer.gin",
                 "--gin.INFER_TASK=tiny_synthetic_lm",
                 f"--gin.OUTPUT={scores}",
                 "--gin.infer.num_batches=2",
@@ -254,7 +254,7 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
 def test_seqio_iterator_position_restores_exactly():
     import tiny_seqio_task
 
-    from encdec_adapt import input_pipeline
+    from encdec_adapt.data import input_pipeline
 
     cfg = input_pipeline.DataConfig(
         task=tiny_seqio_task.TASK, batch_size=4, task_feature_lengths={"targets": 32}, pack=True

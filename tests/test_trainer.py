@@ -4,8 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from encdec_adapt import input_pipeline, models, optim, sharding, trainer
-from encdec_adapt.config import load_preset
+from encdec_adapt.data import input_pipeline
+from encdec_adapt.models import generative as models
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import optim, trainer
 
 VOCAB, LENGTH, BATCH = 128, 16, 8
 
@@ -123,7 +126,7 @@ def test_eval_and_score(adam8):
 
 
 def _encdec_config():
-    from encdec_adapt.config import EncoderDecoderConfig
+    from encdec_adapt.nn.config import EncoderDecoderConfig
 
     return EncoderDecoderConfig(encoder=CONFIG, decoder=CONFIG)
 

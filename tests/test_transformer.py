@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from encdec_adapt.config import load_preset
-from encdec_adapt.transformer import DecoderOnly, default_positions, init_cache
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.nn.transformer import DecoderOnly, default_positions, init_cache
 
 CFG = load_preset("gemma_tiny").replace(sliding_window=4)
 

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from encdec_adapt.config import AttentionType, GemmaConfig
-from encdec_adapt.params_io import CheckpointError, unflatten
+from encdec_adapt.nn.config import AttentionType, GemmaConfig
+from encdec_adapt.storage.params_io import CheckpointError, unflatten
 
 
 class UnsupportedArchitecture(CheckpointError):

@@ -12,12 +12,12 @@ from typing import Any
 
 from flax import nnx
 
-from encdec_adapt import params_io
-from encdec_adapt.config import EncoderDecoderConfig, GemmaConfig
 from encdec_adapt.convert import gemma
 from encdec_adapt.convert.gemma import Rule, UnsupportedArchitecture
-from encdec_adapt.encdec import MODEL_TYPE as ENCODER_DECODER
-from encdec_adapt.encdec import EncoderDecoder
+from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.nn.encdec import MODEL_TYPE as ENCODER_DECODER
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.storage import params_io
 
 HF_MODEL_TYPE = "t5gemma"
 HF_ARCHITECTURE = "T5GemmaForConditionalGeneration"

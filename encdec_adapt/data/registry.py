@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 import seqio
 import tensorflow as tf
 
-from encdec_adapt import retrieval_metrics
 from encdec_adapt.data import contrastive, corpus, prefix_lm, span_corruption, text, ul2
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import vocab as vocab_lib
+from encdec_adapt.evaluation import retrieval_metrics
 
 OBJECTIVES = ("span_corruption", "prefix_lm", "prefix_lm_full", "ul2")
 

@@ -13,11 +13,11 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
-from encdec_adapt.attention import attention_mask
-from encdec_adapt.config import load_preset
 from encdec_adapt.data import counters, prefix_lm, vocab
 from encdec_adapt.data import feature_converters as fc
-from encdec_adapt.transformer import DecoderOnly
+from encdec_adapt.nn.attention import attention_mask
+from encdec_adapt.nn.config import load_preset
+from encdec_adapt.nn.transformer import DecoderOnly
 
 
 def seq2seq(examples):

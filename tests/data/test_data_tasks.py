@@ -11,8 +11,9 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from encdec_adapt import main as cli_main
-from encdec_adapt.data import cli, corpus, counters, registry
+from encdec_adapt.cli import corpus, counters, registry
+from encdec_adapt.cli import main as cli_main
+from encdec_adapt.cli import tasks as cli
 from encdec_adapt.data import feature_converters as fc
 
 LENGTHS = {"inputs": 128, "targets": 32}

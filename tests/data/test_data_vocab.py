@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_embedded_vocabulary_ids_match_gemma_tiny():
     v = vocab.embedded_vocabulary()
-    assert v.vocab_size == 4096  # gin/models/gemma_tiny.gin vocab_size
+    assert v.vocab_size == 4096  # models/gemma_tiny.gin vocab_size
     sp = v.tokenizer
     assert (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()) == (0, 1, 2, 3)
     assert v.extra_ids == 96

@@ -1,0 +1,323 @@
+"""Checkpointable batch iterators: a seqio task / mixture (or synthetic tokens) -> numpy batches.
+
+Every iterator is deterministic given its seed and has a position (`get_state` / `set_state`, a
+small JSON-able dict) that the trainer checkpoints with the model, so a resumed run sees exactly
+the batches an uninterrupted run would have seen. Each process yields only its rows of the global
+batch (`jax.process_index()`-th slice), which `Trainer.shard_batch` assembles into global arrays.
+
+The seqio iterator restores its position by rebuilding the (seeded) tf.data pipeline and
+skipping the batches already consumed. That replays the pipeline's work, which is cheap for the
+sizes this project trains on; tf.data iterator checkpointing would avoid it and is a follow-up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Iterator
+
+import gin
+import jax
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+FEATURE_CONVERTERS = (
+    "decoder",
+    "prefix_lm",
+    "encdec",
+    "encdec_kd",
+    "dual_encoder",
+    "classification",
+)
+
+
+class UnknownTaskError(ValueError):
+    """A seqio task or mixture name that is not registered; the message lists close names."""
+
+
+def check_task_name(name: str) -> None:
+    """Raises UnknownTaskError naming close matches when `name` is not a registered task."""
+    import seqio
+
+    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+    if name in names:
+        return
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise UnknownTaskError(
+        f"Unknown seqio task or mixture {name!r} ({len(names)} registered; is the module that "
+        f"registers it imported in the gin file?).{hint}"
+    )
+
+
+def _local_rows(batch_size: int) -> slice:
+    n, i = jax.process_count(), jax.process_index()
+    if batch_size % n:
+        raise ValueError(f"global batch size {batch_size} is not divisible by {n} processes")
+    per = batch_size // n
+    return slice(i * per, (i + 1) * per)
+
+
+class SyntheticLM:
+    """Random token sequences for decoder-only next-token prediction (tests, benchmarks).
+
+    Batch i is a pure function of (seed, i): rows copy a random "document" twice so the task is
+    learnable (the second half repeats the first).
+    """
+
+    def __init__(self, batch_size: int, length: int, vocab_size: int, seed: int = 0):
+        self.batch_size, self.length, self.vocab_size, self.seed = (
+            batch_size,
+            length,
+            vocab_size,
+            seed,
+        )
+        self.index = 0
+
+    def global_batch(self, index: int) -> Batch:
+        rng = np.random.default_rng([self.seed, index])
+        half = (self.length + 1) // 2 + 1
+        doc = rng.integers(2, self.vocab_size, (self.batch_size, half), dtype=np.int32)
+        seq = np.concatenate([doc, doc], axis=1)[:, : self.length + 1]
+        return {
+            "decoder_input_tokens": seq[:, :-1],
+            "decoder_target_tokens": seq[:, 1:],
+            "decoder_loss_weights": np.ones((self.batch_size, self.length), np.int32),
+        }
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = self.global_batch(self.index)
+        self.index += 1
+        rows = _local_rows(self.batch_size)
+        return {k: v[rows] for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """A seqio task or mixture fed as batches.
+
+    Attributes:
+      task: registered seqio task or mixture name.
+      batch_size: global batch size (rows over all processes).
+      task_feature_lengths: e.g. {"targets": 128} (decoder) or {"inputs": 512, "targets": 128}.
+      split: dataset split.
+      feature_converter: "decoder" (seqio DecoderFeatureConverter), "prefix_lm"
+        (PrefixLMFeatureConverter: inputs + targets in one decoder sequence), "encdec", or
+        "encdec_kd" (encdec_adapt.data's EncDecConverter(teacher=True), unpacked: adds the
+        decoder-only teacher's features for PrefixLM + KD tasks such as stdlib_prefix_lm_kd),
+        "dual_encoder" (query_tokens, positive_tokens[, negative_tokens]; lengths {"query",
+        "positive"}), or "classification" (encoder_input_tokens [B, L], labels [B]; lengths
+        {"inputs"}).
+      pack: pack several examples per row (segment ids / positions features).
+      length_policy: what happens to a feature longer than its length: "truncate" or "drop"
+        the example; either way it is counted (`encdec_adapt.data.counters.COUNTERS`), never
+        silent ("prefix_lm" uses seqio's converter, which truncates uncounted).
+      shuffle: shuffle examples (seeded).
+      seed: shuffle seed.
+      repeat: loop over the data forever (training) or yield one epoch (evaluation).
+      use_cached: read seqio's offline cache.
+      one_task_per_batch: with a mixture, every batch comes from one of its tasks, chosen by the
+        mixture rates with an RNG seeded by (seed, batch index) (the Gemini Embedding recipe:
+        in-batch negatives from the same task). Needs repeat=True, and tasks that give the same
+        features (e.g. all with or all without hard negatives): the train step is compiled for
+        one batch structure.
+    """
+
+    task: str = ""
+    batch_size: int = 8
+    task_feature_lengths: dict = dataclasses.field(default_factory=lambda: {"targets": 128})
+    split: str = "train"
+    feature_converter: str = "decoder"
+    pack: bool = False
+    length_policy: str = "truncate"
+    shuffle: bool = True
+    seed: int = 0
+    repeat: bool = True
+    use_cached: bool = False
+    one_task_per_batch: bool = False
+
+    def __post_init__(self):
+        if self.task is gin.REQUIRED:
+            raise ValueError(
+                "Missing required value: DataConfig.task=%gin.REQUIRED (set the macro that feeds "
+                "it, e.g. --gin.TRAIN_TASK=my_task)"
+            )
+        problems = []
+        if not isinstance(self.task, str) or not self.task:
+            problems.append(f"task={self.task!r} must be a seqio task or mixture name")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            problems.append(f"batch_size={self.batch_size!r} must be a positive int")
+        if self.feature_converter not in FEATURE_CONVERTERS:
+            problems.append(
+                f"feature_converter={self.feature_converter!r} (expected one of "
+                f"{FEATURE_CONVERTERS})"
+            )
+        if self.length_policy not in ("truncate", "drop"):
+            problems.append(f"length_policy={self.length_policy!r} (expected 'truncate' or 'drop')")
+        lengths = self.task_feature_lengths
+        if not isinstance(lengths, dict) or not all(
+            isinstance(v, int) and v > 0 for v in lengths.values()
+        ):
+            problems.append(f"task_feature_lengths={lengths!r} must map feature -> int > 0")
+        if self.one_task_per_batch and not self.repeat:
+            problems.append("one_task_per_batch=True needs repeat=True (tasks run out unevenly)")
+        if problems:
+            raise ValueError("Invalid DataConfig: " + "; ".join(problems))
+
+    def converter(self):
+        import seqio
+
+        from encdec_adapt.data import feature_converters as fc
+
+        if self.feature_converter == "decoder":
+            return fc.DecoderOnlyConverter(pack=self.pack, length_policy=self.length_policy)
+        if self.feature_converter == "prefix_lm":
+            return seqio.PrefixLMFeatureConverter(pack=self.pack)
+        if self.feature_converter == "dual_encoder":
+            return fc.DualEncoderConverter(length_policy=self.length_policy)
+        if self.feature_converter == "classification":
+            return fc.ClassificationConverter(length_policy=self.length_policy)
+        if self.feature_converter == "encdec_kd":
+            return fc.EncDecConverter(pack=False, teacher=True, length_policy=self.length_policy)
+        return fc.EncDecConverter(pack=self.pack, length_policy=self.length_policy)
+
+
+def vocabularies(task: str) -> dict:
+    """The seqio vocabulary of each output feature of a task or mixture ({"inputs": ..., ...})."""
+    import seqio
+
+    check_task_name(task)
+    features = seqio.get_mixture_or_task(task).output_features
+    return {name: feature.vocabulary for name, feature in features.items()}
+
+
+class SeqioIterator:
+    """Batches of a seqio task through a feature converter; position = batches consumed.
+
+    With `one_task_per_batch`, batch i comes from the mixture task chosen by `task_of(i)` (a pure
+    function of seed and i); each task has its own seeded pipeline, and a restored position
+    skips in each task the batches that task gave before it.
+    """
+
+    def __init__(self, cfg: DataConfig):
+        check_task_name(cfg.task)
+        self.cfg = cfg
+        self.index = 0
+        self._it = None
+        self._task_its = None
+        if cfg.one_task_per_batch:
+            self.task_names, self.task_probs = _mixture_rates(cfg.task)
+
+    def _dataset(self, name: str, seed: int):
+        import seqio
+
+        cfg = self.cfg
+        lengths = dict(cfg.task_feature_lengths)
+        ds = seqio.get_mixture_or_task(name).get_dataset(
+            lengths,
+            split=cfg.split,
+            use_cached=cfg.use_cached,
+            shuffle=cfg.shuffle,
+            seed=seed,
+            num_epochs=None if cfg.repeat else 1,
+            # the project's converters count and cut over-long features themselves
+            trim_output_features=cfg.feature_converter == "prefix_lm",
+        )
+        ds = cfg.converter()(ds, task_feature_lengths=lengths)
+        # Every process batches the same global stream and keeps its rows, so the rows (and
+        # hence the losses) do not depend on the number of processes.
+        return ds.batch(cfg.batch_size, drop_remainder=cfg.repeat)
+
+    def _build(self):
+        return self._dataset(self.cfg.task, self.cfg.seed).skip(self.index).as_numpy_iterator()
+
+    def task_of(self, index: int) -> int:
+        """Which mixture task gives batch `index` (one_task_per_batch)."""
+        rng = np.random.default_rng([self.cfg.seed, 0x7A5C, index])
+        return int(rng.choice(len(self.task_probs), p=self.task_probs))
+
+    def _build_per_task(self):
+        done = np.zeros(len(self.task_names), np.int64)
+        for i in range(self.index):
+            done[self.task_of(i)] += 1
+        return [
+            self._dataset(name, self.cfg.seed + k).skip(int(done[k])).as_numpy_iterator()
+            for k, name in enumerate(self.task_names)
+        ]
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        if self.cfg.one_task_per_batch:
+            if self._task_its is None:
+                self._task_its = self._build_per_task()
+            batch = next(self._task_its[self.task_of(self.index)])
+        else:
+            if self._it is None:
+                self._it = self._build()
+            batch = next(self._it)
+        self.index += 1
+        rows = _local_rows(self.cfg.batch_size)
+        return {k: np.asarray(v)[rows].astype(np.int32) for k, v in batch.items()}
+
+    def get_state(self) -> dict:
+        return {"index": self.index}
+
+    def set_state(self, state: dict) -> None:
+        self.index = int(state["index"])
+        self._it = None
+        self._task_its = None
+
+
+def _mixture_rates(name: str) -> tuple[list[str], np.ndarray]:
+    """(task names, sampling probabilities) of a mixture; a task name is an error."""
+    import seqio
+
+    provider = seqio.get_mixture_or_task(name)
+    if not isinstance(provider, seqio.Mixture):
+        raise ValueError(
+            f"Invalid DataConfig: one_task_per_batch=True needs a mixture; {name!r} is a task"
+        )
+    tasks = provider.tasks
+    rates = np.asarray([float(provider.get_rate(t)) for t in tasks])
+    if not np.all(rates >= 0) or rates.sum() <= 0:
+        raise ValueError(f"mixture {name!r} has rates {rates.tolist()}: need >= 0, not all 0")
+    return [t.name for t in tasks], rates / rates.sum()
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+    """Synthetic next-token data (`SyntheticLM`): for smoke tests and benchmarks.
+
+    Attributes: batch_size (global), length (tokens per row), vocab_size, seed.
+    """
+
+    batch_size: int = 8
+    length: int = 32
+    vocab_size: int = 256
+    seed: int = 0
+
+
+def make_iterator(cfg: DataConfig | SyntheticConfig):
+    """The checkpointable iterator of a data config."""
+    if isinstance(cfg, SyntheticConfig):
+        return SyntheticLM(cfg.batch_size, cfg.length, cfg.vocab_size, cfg.seed)
+    if isinstance(cfg, DataConfig):
+        return SeqioIterator(cfg)
+    from encdec_adapt.data.jsonl_inputs import JsonlInputs, JsonlIterator  # raw texts for `infer`
+
+    if isinstance(cfg, JsonlInputs):
+        return JsonlIterator(cfg)
+    raise TypeError(f"expected a DataConfig, SyntheticConfig or JsonlInputs, got {cfg!r}")

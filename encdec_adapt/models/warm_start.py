@@ -1,0 +1,357 @@
+"""Warm-starting an EncoderDecoder from decoder-only checkpoints (T5Gemma), and freezing parameters.
+
+Warm starts work on parameter trees (the nested dicts of `params_io.model_params` or
+`params_io.load`) and never build the full model, so 9B-scale trees are handled by reference:
+
+  balanced    (2B-2B, 9B-9B): encoder and decoder both from one decoder-only checkpoint; every
+              decoder layer's cross-attention (and its two norms) copied from that layer's
+              self-attention (and the pre/post attention norms).
+  unbalanced  (9B-2B): encoder from the large checkpoint, decoder from the small one; the
+              cross-attention is random (its K/V read the encoder width) and its norms zero, and
+              a run trains it alone first (`trainable_mask(train_only=CROSS_ATTENTION)` with
+              `freeze(..., until_step=K)`).
+
+The encoder's subtree has the layout of a `DecoderOnly` tree, so an encoder warm start is a copy
+(the source's `lm_head`, if untied, is dropped); the decoder's is too, plus the cross-attention.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import re
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig, load_encdec_preset
+from encdec_adapt.nn.encdec import MODEL_TYPE, EncoderDecoder
+from encdec_adapt.nn.transformer import DecoderOnly, make_attention
+from encdec_adapt.storage import params_io
+from encdec_adapt.storage.params_io import CheckpointError
+
+PyTree = Any
+
+#: Regex of the decoder's cross-attention parameters and their norms (the part an unbalanced
+#: warm start initialises at random).
+CROSS_ATTENTION = r"^decoder/stack/blocks/\d+/(cross_attn|pre_cross_norm|post_cross_norm)/"
+
+#: Config fields that may differ between a source checkpoint and the stack it warm-starts.
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "dropout_rate")
+
+
+def abstract_params(factory) -> PyTree:
+    """The params tree (of jax.ShapeDtypeStruct) of the module `factory` builds, unallocated."""
+    return params_io.model_params(nnx.eval_shape(factory))
+
+
+# Cached: tracing the initialisers of a 9B model takes seconds. Callers must not mutate the trees.
+@functools.lru_cache(maxsize=16)
+def decoder_only_shapes(cfg: GemmaConfig) -> PyTree:
+    """Abstract params of `DecoderOnly(cfg)` (the layout of a warm-start source)."""
+    return abstract_params(lambda: DecoderOnly(cfg, rngs=nnx.Rngs(0)))
+
+
+@functools.lru_cache(maxsize=16)
+def encdec_shapes(cfg: EncoderDecoderConfig) -> PyTree:
+    """Abstract params of `EncoderDecoder(cfg)`."""
+    return abstract_params(lambda: EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
+
+
+def check_source(cfg: GemmaConfig, params: PyTree, source: str) -> None:
+    """Raises CheckpointError naming the first parameter of `params` (a decoder-only tree) whose
+    name or shape does not fit a decoder-only model of `cfg`, with both shapes."""
+    params_io.check_compatible(decoder_only_shapes(cfg), params, source)
+
+
+def check_source_config(cfg: GemmaConfig, source_config: dict, source: str) -> None:
+    """Raises CheckpointError when a checkpoint's model.json config differs from `cfg` in any
+    field other than dtypes and dropout (same shapes but e.g. another soft-cap or window)."""
+    want, got = cfg.to_dict(), GemmaConfig.from_dict(source_config).to_dict()
+    diff = [k for k in want if k not in _RUNTIME_FIELDS and want[k] != got[k]]
+    if diff:
+        k = diff[0]
+        raise CheckpointError(
+            f"{source}: config field {k!r} is {got[k]!r}, the preset has {want[k]!r} "
+            f"({len(diff)} fields differ: {diff})"
+        )
+
+
+def random_cross_attention(cfg: EncoderDecoderConfig, seed: int) -> dict[int, dict]:
+    """Freshly initialised cross-attention of every decoder layer: {layer: {"cross_attn": ...,
+    "pre_cross_norm": ..., "post_cross_norm": ...}}, built one layer at a time (cheap at 9B)."""
+    dec = cfg.decoder
+    out = {}
+    for i in range(dec.num_layers):
+        rngs = nnx.Rngs(params=jax.random.fold_in(jax.random.key(seed), i))
+        attn = make_attention(dec, None, rngs, kv_input_dim=cfg.encoder.embed_dim)
+        zeros = {"scale": jnp.zeros((dec.embed_dim,), dec.weight_dtype)}
+        out[i] = {
+            "cross_attn": params_io.model_params(attn),
+            "pre_cross_norm": zeros,
+            "post_cross_norm": dict(zeros),
+        }
+    return out
+
+
+def _copied_cross_attention(block: dict) -> dict:
+    """Cross-attention of one layer initialised from its self-attention (balanced warm start)."""
+    return {
+        "cross_attn": dict(block["attn"]),
+        "pre_cross_norm": dict(block["pre_attn_norm"]),
+        "post_cross_norm": dict(block["post_attn_norm"]),
+    }
+
+
+def warm_start(
+    cfg: EncoderDecoderConfig,
+    encoder_source: PyTree,
+    decoder_source: PyTree | None = None,
+    *,
+    cross_attention: str = "auto",
+    zero_cross_output: bool = False,
+    seed: int = 0,
+    sources: tuple[str, str] = ("encoder source", "decoder source"),
+) -> PyTree:
+    """EncoderDecoder params from decoder-only params trees.
+
+    Args:
+      cfg: the encoder-decoder to build (e.g. `config.load_encdec_preset("t5gemma_9b_2b")`).
+      encoder_source: a `DecoderOnly` params tree of architecture `cfg.encoder`.
+      decoder_source: a `DecoderOnly` params tree of architecture `cfg.decoder`; None (balanced):
+        `encoder_source` again.
+      cross_attention: "copy" (from each layer's self-attention; needs equal encoder and decoder
+        widths), "random" (fresh init, zero norms), or "auto": "copy" when the decoder comes
+        from the encoder's checkpoint and the widths match, else "random".
+      zero_cross_output: zero the cross-attention output projections, so that the adapted
+        decoder starts out computing exactly what the decoder-only source did.
+      seed: seed of the random cross-attention.
+      sources: names of the two sources in error messages (e.g. checkpoint paths).
+    Returns:
+      The nested params dict of `EncoderDecoder(cfg)`, leaves cast to its param dtypes.
+    Raises:
+      CheckpointError: a source does not fit its stack (first mismatching parameter, both shapes).
+    """
+    balanced_source = decoder_source is None or decoder_source is encoder_source
+    if decoder_source is None:
+        decoder_source, sources = encoder_source, (sources[0], sources[0])
+    check_source(cfg.encoder, encoder_source, sources[0])
+    check_source(cfg.decoder, decoder_source, sources[1])
+    if cross_attention == "auto":
+        same_width = cfg.encoder.embed_dim == cfg.decoder.embed_dim
+        cross_attention = "copy" if balanced_source and same_width else "random"
+    if cross_attention not in ("copy", "random"):
+        raise ValueError(f"cross_attention={cross_attention!r}: expected auto, copy or random")
+    if cross_attention == "copy" and cfg.encoder.embed_dim != cfg.decoder.embed_dim:
+        raise ValueError(
+            f"cross_attention='copy' needs equal widths, got encoder {cfg.encoder.embed_dim} and "
+            f"decoder {cfg.decoder.embed_dim}: use 'random' for unbalanced pairs"
+        )
+
+    encoder = {"embedder": encoder_source["embedder"], "stack": encoder_source["stack"]}
+    decoder: dict = {"stack": {"final_norm": decoder_source["stack"]["final_norm"], "blocks": {}}}
+    if not cfg.tie_encoder_decoder_embeddings:
+        decoder["embedder"] = decoder_source["embedder"]
+    if not cfg.decoder.tie_embeddings:
+        decoder["lm_head"] = decoder_source["lm_head"]
+    if not cfg.merged_attention and cross_attention == "random":
+        fresh = random_cross_attention(cfg, seed)
+    for i, block in decoder_source["stack"]["blocks"].items():
+        block = dict(block)
+        if not cfg.merged_attention:
+            cross = _copied_cross_attention(block) if cross_attention == "copy" else fresh[i]
+            if zero_cross_output:
+                o = cross["cross_attn"]["o"]
+                cross["cross_attn"] = {**cross["cross_attn"], "o": jnp.zeros(o.shape, o.dtype)}
+            block.update(cross)
+        decoder["stack"]["blocks"][i] = block
+
+    params = {"encoder": encoder, "decoder": decoder}
+    target = encdec_shapes(cfg)
+    params_io.check_compatible(target, params, "warm start")  # a bug here, not in the sources
+    return jax.tree.map(_cast_like, target, params)
+
+
+def _cast_like(target: jax.ShapeDtypeStruct, x) -> jax.Array:
+    return x if getattr(x, "dtype", None) == target.dtype else jnp.asarray(x, target.dtype)
+
+
+def load_source(path: str, cfg: GemmaConfig) -> PyTree:
+    """Reads a decoder-only params checkpoint (`import-hf` output) for a stack of `cfg`, checking
+    its model type, its parameter names and shapes (first mismatch named) and its config."""
+    model_type, config = params_io.read_model_json(path)
+    if model_type != "decoder_only":
+        raise CheckpointError(
+            f"{path}: holds a {model_type!r} model; warm starts read decoder_only checkpoints"
+        )
+    params = params_io.load(path, decoder_only_shapes(cfg))
+    check_source_config(cfg, config, path)
+    return params
+
+
+@gin.configurable
+@dataclasses.dataclass(frozen=True)
+class WarmStart:
+    """Where an EncoderDecoder's initial parameters come from (bind in gin, call with a config).
+
+    Attributes:
+      encoder_checkpoint: decoder-only params checkpoint for the encoder (and, when
+        `decoder_checkpoint` is None, the decoder too: balanced).
+      decoder_checkpoint: decoder-only params checkpoint for the decoder (unbalanced pairs).
+      cross_attention: "auto", "copy" or "random" (see `warm_start`).
+      zero_cross_output: zero the cross-attention output projections.
+      seed: seed of a random cross-attention.
+    """
+
+    encoder_checkpoint: str = gin.REQUIRED
+    decoder_checkpoint: str | None = None
+    cross_attention: str = "auto"
+    zero_cross_output: bool = False
+    seed: int = 0
+
+    def __call__(self, cfg: EncoderDecoderConfig) -> PyTree:
+        # One source read once for a balanced pair; two reads when the stacks differ.
+        same = self.decoder_checkpoint in (None, self.encoder_checkpoint) and cfg.balanced
+        separate = not same and self.decoder_checkpoint is not None
+        if not same and not separate:
+            raise ValueError(
+                "WarmStart: an unbalanced EncoderDecoderConfig needs a decoder_checkpoint "
+                f"(encoder width {cfg.encoder.embed_dim}, decoder width {cfg.decoder.embed_dim})"
+            )
+        enc = load_source(self.encoder_checkpoint, cfg.encoder)
+        dec = load_source(self.decoder_checkpoint, cfg.decoder) if separate else None
+        return warm_start(
+            cfg,
+            enc,
+            dec,
+            cross_attention=self.cross_attention,
+            zero_cross_output=self.zero_cross_output,
+            seed=self.seed,
+            sources=(self.encoder_checkpoint, self.decoder_checkpoint or self.encoder_checkpoint),
+        )
+
+
+# ---- freezing ------------------------------------------------------------------------------------
+
+
+def trainable_mask(
+    params: PyTree,
+    *,
+    train_only: Sequence[str] | None = None,
+    freeze: Sequence[str] = (),
+) -> PyTree:
+    """Boolean tree, True where a parameter is trained, from regexes over flat paths.
+
+    Paths are `params_io.flatten` names such as `decoder/stack/blocks/3/cross_attn/q`; a regex
+    matches anywhere in the path (`re.search`, as `optim.OptimizerConfig.freeze`). A parameter is
+    trainable when it matches one of `train_only` (all parameters when None) and none of
+    `freeze`. Every regex must match at least one path, so a typo fails loudly instead of
+    silently training everything.
+    """
+    flat = params_io.flatten(params)
+    compiled = {}
+    for p in list(train_only or ()) + list(freeze):
+        try:
+            compiled[p] = re.compile(p)
+        except re.error as e:
+            raise ValueError(f"freezing regex {p!r} is invalid: {e}") from e
+        if not any(compiled[p].search(name) for name in flat):
+            raise ValueError(f"freezing regex {p!r} matches no parameter (e.g. {next(iter(flat))})")
+
+    def trainable(name: str) -> bool:
+        if train_only is not None and not any(compiled[p].search(name) for p in train_only):
+            return False
+        return not any(compiled[p].search(name) for p in freeze)
+
+    return params_io.unflatten({name: trainable(name) for name in flat})
+
+
+def _after(inner: optax.GradientTransformation, num_steps: int) -> optax.GradientTransformation:
+    """`inner` from step `num_steps` on; zero updates (and untouched inner state) before."""
+
+    def init_fn(params):
+        return {"count": jnp.zeros((), jnp.int32), "inner": inner.init(params)}
+
+    def update_fn(updates, state, params=None):
+        def frozen(_):
+            return jax.tree.map(jnp.zeros_like, updates), state["inner"]
+
+        def active(_):
+            return inner.update(updates, state["inner"], params)
+
+        new_updates, inner_state = jax.lax.cond(state["count"] >= num_steps, active, frozen, None)
+        count = jnp.minimum(state["count"] + 1, jnp.iinfo(jnp.int32).max)
+        return new_updates, {"count": count, "inner": inner_state}
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def freeze(
+    optimizer: optax.GradientTransformation, mask: PyTree, *, until_step: int | None = None
+) -> optax.GradientTransformation:
+    """Wraps `optimizer` so that parameters where `mask` is False get exactly zero updates.
+
+    With `until_step=K` they are frozen for the first K updates only, then trained by a fresh
+    copy of `optimizer` (its moments and schedules start at step K). The frozen parameters hold
+    no optimizer state while permanently frozen, and weight decay never touches them.
+    """
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
+    if until_step is None:
+        frozen = optax.set_to_zero()
+    else:
+        frozen = _after(optimizer, until_step)
+    return optax.multi_transform({"train": optimizer, "frozen": frozen}, labels)
+
+
+def frozen_fraction(mask: PyTree, params: PyTree) -> float:
+    """Share of parameter elements (not tensors) that `mask` freezes."""
+    sizes = jax.tree.map(lambda m, p: (int(np.prod(np.shape(p))), bool(m)), mask, params)
+    leaves = jax.tree.leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(n for n, _ in leaves)
+    return sum(n for n, t in leaves if not t) / max(total, 1)
+
+
+# ---- command line --------------------------------------------------------------------------------
+
+
+def adapt_main(argv: list[str]) -> int:
+    """`encdec-adapt adapt`: decoder-only params checkpoint(s) -> encoder-decoder checkpoint."""
+    p = argparse.ArgumentParser(
+        prog="encdec-adapt adapt",
+        description="Warm-start a T5Gemma-style encoder-decoder from decoder-only params "
+        "checkpoints (import-hf output) and write it as a params checkpoint, ready for "
+        "`train` (warm_start_from) or `export-hf`.",
+    )
+    p.add_argument("--preset", required=True, help="models/ preset, e.g. t5gemma_2b_2b")
+    p.add_argument("--encoder", required=True, help="decoder-only checkpoint for the encoder")
+    p.add_argument("--decoder", help="decoder-only checkpoint for the decoder (default: --encoder)")
+    p.add_argument("--output", required=True)
+    p.add_argument("--cross_attention", choices=["auto", "copy", "random"], default="auto")
+    p.add_argument("--zero_cross_output", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    try:
+        params_io.check_writable(args.output, args.overwrite)
+        cfg = load_encdec_preset(args.preset)
+        params = WarmStart(
+            encoder_checkpoint=args.encoder,
+            decoder_checkpoint=args.decoder,
+            cross_attention=args.cross_attention,
+            zero_cross_output=args.zero_cross_output,
+            seed=args.seed,
+        )(cfg)
+        params_io.save(args.output, params, MODEL_TYPE, cfg.to_dict(), overwrite=args.overwrite)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"adapt: error: {e}", file=sys.stderr)
+        return 1
+    print(f"adapt: wrote {args.preset} encoder-decoder checkpoint to {args.output}")
+    return 0

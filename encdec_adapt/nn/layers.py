@@ -1,0 +1,110 @@
+"""Small Gemma building blocks: parameters with logical axes, RMSNorm, embedder, GeGLU feed-forward.
+
+Shape letters used in comments throughout the package:
+  B batch, T query length, S key length, D embed_dim, F hidden_dim, N query heads,
+  K key/value heads, G = N // K query heads per kv head, H head_dim, V vocab_size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from encdec_adapt.parallel import sharding
+
+Initializer = Callable[[jax.Array, Sequence[int], jnp.dtype], jax.Array]
+
+
+def param(
+    rngs: nnx.Rngs,
+    init: Initializer,
+    shape: Sequence[int],
+    axes: Sequence[str | None],
+    dtype: jnp.dtype,
+) -> nnx.Param:
+    """A parameter annotated with logical axis names (mapped to mesh axes by `sharding`)."""
+    if len(axes) != len(shape):
+        raise ValueError(f"axes {tuple(axes)} do not match shape {tuple(shape)}")
+    # Sharding is applied explicitly by `sharding.create_sharded`, not eagerly per variable.
+    return nnx.Param(
+        init(rngs.params(), tuple(shape), dtype), sharding_names=tuple(axes), eager_sharding=False
+    )
+
+
+def fan_in_init(in_axes: int | Sequence[int] = -2) -> Initializer:
+    """Truncated normal with variance 1 / fan_in, fan_in = the product of the `in_axes` sizes
+    (the axes contracted with the input); every other axis is an output axis."""
+    axes = (in_axes,) if isinstance(in_axes, int) else tuple(in_axes)
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype) -> jax.Array:
+        fan_in = math.prod(shape[a] for a in axes)
+        # 0.8796... is the std of a standard normal truncated to [-2, 2].
+        std = fan_in**-0.5 / 0.87962566103423978
+        return (jax.random.truncated_normal(key, -2.0, 2.0, shape, jnp.float32) * std).astype(dtype)
+
+    return init
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; identity when `rng` is None (evaluation) or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * (1 + scale), computed in float32 (as HF Gemma)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, jax.nn.initializers.zeros, (dim,), ("norm",), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[..., dim] -> [..., dim] in x.dtype."""
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
+
+
+class Embedder(nnx.Module):
+    """Token embedding scaled by sqrt(D); also projects hidden states back to vocabulary logits."""
+
+    def __init__(self, vocab_size: int, embed_dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        # std 1/sqrt(D): the sqrt(D)-scaled input embeddings have unit variance, and tied
+        # output logits start with unit variance too.
+        init = jax.nn.initializers.normal(stddev=embed_dim**-0.5)
+        self.embedding = param(rngs, init, (vocab_size, embed_dim), ("vocab", "embed"), param_dtype)
+
+    def encode(self, tokens: jax.Array, dtype: jnp.dtype) -> jax.Array:
+        """[B, T] int -> [B, T, D]."""
+        x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+        # The scale is rounded to the compute dtype before multiplying, as HF does.
+        return x * jnp.asarray(self.embedding.shape[-1] ** 0.5, dtype)
+
+    def decode(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, V] logits."""
+        return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
+
+
+class FeedForward(nnx.Module):
+    """GeGLU: down(gelu_tanh(x @ gate) * (x @ up))."""
+
+    def __init__(self, embed_dim: int, hidden_dim: int, *, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = fan_in_init()
+        self.gate = param(rngs, init, (embed_dim, hidden_dim), ("embed", "mlp"), param_dtype)
+        self.up = param(rngs, init, (embed_dim, hidden_dim), ("embed", "mlp"), param_dtype)
+        self.down = param(rngs, init, (hidden_dim, embed_dim), ("mlp", "embed"), param_dtype)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[B, T, D] -> [B, T, D]."""
+        dt = x.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
+        up = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+        h = jax.nn.gelu(gate, approximate=True) * up
+        h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))

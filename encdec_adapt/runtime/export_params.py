@@ -1,0 +1,118 @@
+"""`encdec-adapt export-params`: a training run's checkpoint -> a params checkpoint.
+
+    encdec-adapt export-params --model_dir runs/pretrain --output ckpt/pretrained
+    encdec-adapt export-params --model_dir runs/kd --output ckpt/student --step 2000
+
+Training checkpoints (MODEL_DIR/checkpoints/<step>) hold the whole train state: parameters,
+optimizer moments, step, RNG and data position. Warm starts (`train.warm_start_from`), `adapt`
+(`--encoder`), KD teachers (`DistillationModel.teacher_checkpoint`), `eval` / `infer`
+(`params_from`) and `export-hf` read params checkpoints (`params_io`: model.json + an Orbax
+tree of the parameters only). This command takes the newest (or a given) step of a run to one.
+
+The model is rebuilt from MODEL_DIR/config.gin, the complete gin config that `train` wrote when
+the run started, so no gin file or model flag needs repeating. A distillation run exports its
+student (the teacher is a frozen copy of an existing checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from encdec_adapt.models.generative import BaseModel
+from encdec_adapt.parallel import sharding
+from encdec_adapt.runtime import checkpoints, optim
+from encdec_adapt.storage import params_io
+
+CONFIG_FILE = "config.gin"
+
+
+class ExportError(ValueError):
+    """Nothing to export; the message names the directory or step."""
+
+
+def model_from_run(model_dir: str) -> BaseModel:
+    """The model API object (`train.model`) of the run in `model_dir`, from its config.gin."""
+    import gin
+
+    path = os.path.join(model_dir, CONFIG_FILE)
+    if not os.path.exists(path):
+        raise ExportError(
+            f"{path} does not exist: {model_dir} is not a training run directory (`encdec-adapt "
+            "train` writes config.gin into MODEL_DIR when it starts)"
+        )
+    # config.gin imports the modules it binds; the run's own gin state is not ours to keep.
+    with gin.unlock_config():
+        gin.clear_config()
+        gin.parse_config_file(path, skip_unknown=False)
+    try:
+        ref = gin.query_parameter("train.model")
+        return ref.scoped_configurable_fn()
+    finally:
+        gin.clear_config()
+
+
+def newest_step(model_dir: str) -> int | None:
+    """The newest checkpointed step of a run (None when there is none); reads directory names
+    only, so it is cheap enough to poll."""
+    directory = os.path.join(model_dir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    return max(steps) if steps else None
+
+
+def export_params(model_dir: str, output: str, step: int | None = None, *, overwrite=False) -> int:
+    """Writes the parameters of `step` (default: the newest) of the run in `model_dir` to the
+    params checkpoint `output`; returns the step exported.
+
+    Raises ExportError (no run, no checkpoint, unknown step) or params_io.CheckpointError (the
+    output exists and `overwrite` is False).
+    """
+    from encdec_adapt.runtime.trainer import Trainer
+
+    model_dir = os.path.abspath(model_dir)
+    params_io.check_writable(output, overwrite)
+    model = model_from_run(model_dir)
+    rules = sharding.MeshRules()
+    trainer = Trainer(model, optim.OptimizerConfig(), rules.make_mesh(), rules)
+    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise ExportError(f"no training checkpoint in {ckpt.directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise ExportError(f"step {step} is not in {ckpt.directory} (steps: {steps})")
+        params = ckpt.restore_params(trainer.abstract_state().params, step)
+    finally:
+        ckpt.close()
+    student = getattr(model, "student", None)
+    if student is not None:  # distillation: the student is the model that was trained
+        model, params = student, params["student"]
+    params_io.save(output, params, model.model_type, model.config_dict(), overwrite=overwrite)
+    return step
+
+
+def export_params_main(argv: list[str]) -> int:
+    """`encdec-adapt export-params`; exit code 0 done, 1 nothing to export / bad output."""
+    p = argparse.ArgumentParser(
+        prog="encdec-adapt export-params",
+        description="Write the parameters of a training run's checkpoint (the newest, or "
+        "--step) as a params checkpoint: what warm starts, `adapt`, KD teachers, `eval` / "
+        "`infer` (params_from) and `export-hf` read. A distillation run exports its student.",
+    )
+    p.add_argument("--model_dir", required=True, help="MODEL_DIR of an `encdec-adapt train` run")
+    p.add_argument("--output", required=True, help="params checkpoint directory to write")
+    p.add_argument("--step", type=int, help="checkpointed step (default: the newest)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    args = p.parse_args(argv)
+    try:
+        step = export_params(args.model_dir, args.output, args.step, overwrite=args.overwrite)
+    except (ExportError, params_io.CheckpointError) as e:
+        print(f"export-params: error: {e}", file=sys.stderr)
+        return 1
+    print(f"export-params: step {step} of {args.model_dir} -> {args.output}")
+    return 0

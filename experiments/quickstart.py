@@ -1,0 +1,604 @@
+"""The quickstart: the whole adaptation job at toy scale, stage by stage, resumable.
+
+    bash scripts/quickstart.sh                    # = python -m experiments.quickstart
+    QUICKSTART_SCALE=0.02 bash scripts/quickstart.sh   # a few steps per stage (tests)
+
+Stages (each one `encdec-adapt` command line that a user can also run alone; the gin files are
+experiments/configs/quickstart_*.gin):
+  1. corpus       build the embedded corpus and show a `stdlib_lm` example (`tasks --show`)
+  2. pretrain     a tiny Gemma-2-style decoder-only LM on the embedded prose (`train`): the
+                  stand-in for a released Gemma checkpoint
+  3. adapt        its newest checkpoint -> a params checkpoint (`export-params`), then a
+                  balanced T5Gemma pair warm-started from it (`adapt`)
+  4. adapt_ul2 / adapt_prefixlm
+                  adaptation training with UL2, and with PrefixLM + KD from the decoder (`train`,
+                  warm start from stage 3), each exported to a params checkpoint
+  5. dual_encoder contrastive towers from the decoder (`train`), and the code-search retrieval
+                  report: trained vs untrained towers vs BM25 (`embed`)
+  6. evaluate     validation loss / accuracy (`eval`), a few greedy decodes (`infer`), PNG plots
+                  of the training curves, and the summary table (summary.md)
+
+Everything runs in this process, through `encdec_adapt.cli.main.main` (what the `encdec-adapt`
+command calls), so JAX and TensorFlow start once. Resuming: a stage's outputs are checked for
+completeness, not presence: a training stage is finished when its newest checkpoint is its last
+step (otherwise `train` resumes from the newest checkpoint, "Resuming from step N"); params
+checkpoints and reports are written under temporary names and renamed at the end, so they exist
+only when complete. Interrupt at any point (Ctrl-C, kill -9) and run again.
+
+Environment: QUICKSTART_DIR (default runs/quickstart), QUICKSTART_SCALE (default 1: multiplies
+every stage's steps; below 0.1 the batches also shrink to 4 rows and evaluation to 2 batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import math
+import os
+import sys
+import time
+
+STAGES = ("corpus", "pretrain", "adapt", "adapt_ul2", "adapt_prefixlm", "dual_encoder", "evaluate")
+EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+# Validation tasks of the encoder-decoders: PrefixLM (generation) and span corruption (denoising).
+EVAL_TASKS = {"prefix_lm": "stdlib_prefix_lm", "span_corruption": "stdlib_span_corruption"}
+
+
+# Modules with gin configurables that an entry point imports only when called (after gin has
+# locked the config, which in a long-lived process refuses new configurables).
+LAZY_CONFIGURABLES = ("encdec_adapt.data.jsonl_inputs",)
+
+
+class QuickstartError(RuntimeError):
+    """A stage's command failed; the message names the stage and the command line."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Steps and batch sizes of the training stages (scale 1: about 8 minutes on 2 idle CPU cores,
+    14 when shared with other jobs; a gemma_tiny step of 8 x 256 tokens takes about 0.4 s).
+
+    `scaled(s)` multiplies the steps by s (at least `min_steps`); test scales (< 0.1) also use
+    batches of 4 rows and 2 evaluation batches.
+    """
+
+    pretrain_steps: int = 400
+    adapt_steps: int = 120
+    contrastive_steps: int = 60
+    batch_size: int = 8
+    contrastive_batch_size: int = 64  # in-batch negatives: more rows, a harder task to learn
+    eval_batches: int = 20
+    min_steps: int = 2
+
+    def scaled(self, scale: float) -> Budget:
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"QUICKSTART_SCALE={scale!r} must be a positive number")
+
+        def steps(n: int) -> int:
+            return max(self.min_steps, round(n * scale))
+
+        small = scale < 0.1
+        return dataclasses.replace(
+            self,
+            pretrain_steps=steps(self.pretrain_steps),
+            adapt_steps=steps(self.adapt_steps),
+            contrastive_steps=steps(self.contrastive_steps),
+            batch_size=4 if small else self.batch_size,
+            contrastive_batch_size=4 if small else self.contrastive_batch_size,
+            eval_batches=2 if small else self.eval_batches,
+        )
+
+
+def save_interval(steps: int) -> int:
+    """Checkpoint about six times a run (an interruption loses at most a sixth of a stage), and
+    not every step of a short test run (each save waits for the previous one)."""
+    return max(min(5, steps), steps // 6)
+
+
+def newest_step(model_dir: str) -> int | None:
+    from encdec_adapt.runtime.export_params import newest_step as newest
+
+    return newest(model_dir)
+
+
+# --------------------------------------------------------------------------- running commands
+
+
+def run(stage: str, argv: list[str]) -> None:
+    """`encdec-adapt ARGV` in this process; a non-zero exit code raises QuickstartError."""
+    import gin
+
+    from encdec_adapt.cli import main
+
+    line = "encdec-adapt " + " ".join(argv)
+    print(f"\n[quickstart] {stage}: {line}", flush=True)
+    t0 = time.perf_counter()
+    # Each command parses its own gin files from scratch. The previous one left the config
+    # locked (finalized), and a module imported while it is locked may not register
+    # configurables: clear_config also unlocks it.
+    gin.clear_config()
+    for module in LAZY_CONFIGURABLES:  # registered now, while the config is unlocked
+        importlib.import_module(module)
+    code = main.main(argv)
+    gin.clear_config()
+    if code:
+        raise QuickstartError(f"stage {stage}: `{line}` exited with code {code}")
+    print(f"[quickstart] {stage}: {argv[0]} took {time.perf_counter() - t0:.1f}s", flush=True)
+
+
+def train_args(gin_file: str, model_dir: str, steps: int, batch: int, *extra: str) -> list[str]:
+    return [
+        "train",
+        f"--gin_file={EXPERIMENTS}/{gin_file}",
+        f"--gin.MODEL_DIR={model_dir}",
+        f"--gin.TRAIN_STEPS={steps}",
+        f"--gin.BATCH_SIZE={batch}",
+        f"--gin.CheckpointConfig.save_interval_steps={save_interval(steps)}",
+        f"--gin.OptimizerConfig.warmup_steps={max(1, steps // 10)}",
+        f"--gin.train.log_every={max(1, min(25, steps // 10))}",
+        *extra,
+    ]
+
+
+def is_params_checkpoint(path: str) -> bool:
+    """params_io writes model.json last and renames the directory: present means complete."""
+    return os.path.exists(os.path.join(path, "model.json"))
+
+
+# --------------------------------------------------------------------------------- the stages
+
+
+class Quickstart:
+    """The stages over one output directory; `run_all` runs the ones not finished yet."""
+
+    def __init__(self, out: str, scale: float = 1.0, budget: Budget | None = None):
+        self.out = os.path.abspath(out)
+        self.scale = scale
+        self.budget = (budget or Budget()).scaled(scale)
+        self.times_file = self.path("stage_times.json")
+        self.settings_file = self.path("quickstart.json")
+
+    def check_settings(self) -> None:
+        """A directory holds one budget: finished stages of another scale would be reused."""
+        settings = {"scale": self.scale, "budget": dataclasses.asdict(self.budget)}
+        if os.path.exists(self.settings_file):
+            with open(self.settings_file) as f:
+                before = json.load(f)
+            if before != settings:
+                raise QuickstartError(
+                    f"{self.out} holds a quickstart run at scale {before.get('scale')} "
+                    f"({before.get('budget')}), not {self.scale}: set QUICKSTART_DIR to a new "
+                    "directory (or remove this one)"
+                )
+        else:
+            write_json(self.settings_file, settings)
+
+    def path(self, *names: str) -> str:
+        return os.path.join(self.out, *names)
+
+    # timing survives interruptions: seconds are added per invocation of a stage
+    def _times(self) -> dict[str, float]:
+        if not os.path.exists(self.times_file):
+            return {}
+        with open(self.times_file) as f:
+            return json.load(f)
+
+    def _add_time(self, stage: str, seconds: float) -> None:
+        times = self._times()
+        times[stage] = times.get(stage, 0.0) + seconds
+        write_json(self.times_file, times)
+
+    def train_stage(
+        self, name: str, gin_file: str, steps: int, *extra: str, batch: int | None = None
+    ) -> None:
+        model_dir = self.path(name)
+        if (newest_step(model_dir) or 0) >= steps:
+            print(f"[quickstart] {name}: finished ({steps} steps in {model_dir}), skipping")
+            return
+        t0 = time.perf_counter()
+        try:
+            batch = batch or self.budget.batch_size
+            run(name, train_args(gin_file, model_dir, steps, batch, *extra))
+        finally:
+            self._add_time(name, time.perf_counter() - t0)
+        reached = newest_step(model_dir) or 0
+        if reached < steps:  # SIGTERM: `train` saved a checkpoint and exited cleanly
+            raise QuickstartError(
+                f"stage {name} stopped at step {reached} of {steps} (preempted?); run the "
+                "quickstart again to resume it"
+            )
+
+    def export_stage(self, name: str, model_dir: str, output: str) -> None:
+        if is_params_checkpoint(output):
+            return
+        t0 = time.perf_counter()
+        run(name, ["export-params", f"--model_dir={model_dir}", f"--output={output}"])
+        self._add_time(name, time.perf_counter() - t0)
+
+    def corpus(self) -> None:
+        # Idempotent (the corpus is built once per machine); later stages would build it too.
+        if os.path.exists(self.path("corpus_shown")):
+            return
+        run("corpus", ["tasks", "--show", "stdlib_lm", "-n", "1", "--lengths", "targets=64"])
+        write_json(self.path("corpus_shown"), {"task": "stdlib_lm"})
+
+    def pretrain(self) -> None:
+        self.train_stage("pretrain", "quickstart_pretrain.gin", self.budget.pretrain_steps)
+
+    def adapt(self) -> None:
+        self.export_stage("adapt", self.path("pretrain"), self.path("pretrained"))
+        if is_params_checkpoint(self.path("t5gemma_init")):
+            return
+        t0 = time.perf_counter()
+        run(
+            "adapt",
+            [
+                "adapt",
+                "--preset=t5gemma_tiny",
+                f"--encoder={self.path('pretrained')}",
+                f"--output={self.path('t5gemma_init')}",
+            ],
+        )
+        self._add_time("adapt", time.perf_counter() - t0)
+
+    def adapt_ul2(self) -> None:
+        self.train_stage(
+            "adapt_ul2",
+            "quickstart_adapt_ul2.gin",
+            self.budget.adapt_steps,
+            f"--gin.train.warm_start_from={self.path('t5gemma_init')}",
+        )
+        self.export_stage("adapt_ul2", self.path("adapt_ul2"), self.path("adapt_ul2_params"))
+
+    def adapt_prefixlm(self) -> None:
+        self.train_stage(
+            "adapt_prefixlm",
+            "quickstart_adapt_prefixlm.gin",
+            self.budget.adapt_steps,
+            f"--gin.train.warm_start_from={self.path('t5gemma_init')}",
+            f"--gin.TEACHER_CHECKPOINT={self.path('pretrained')}",
+        )
+        self.export_stage(
+            "adapt_prefixlm", self.path("adapt_prefixlm"), self.path("adapt_prefixlm_params")
+        )
+
+    def dual_encoder(self) -> None:
+        self.train_stage(
+            "dual_encoder",
+            "quickstart_contrastive.gin",
+            self.budget.contrastive_steps,
+            f"--gin.train.warm_start_from={self.path('pretrained')}",
+            batch=self.budget.contrastive_batch_size,
+        )
+        report = self.path("retrieval", "retrieval_report.json")
+        if os.path.exists(self.path("retrieval", "done")):
+            return
+        t0 = time.perf_counter()
+        run(
+            "dual_encoder",
+            [
+                "embed",
+                "--gin_file=models/gemma_tiny.gin",
+                "--gin_file=runs/embed.gin",
+                "--gin_file=experiments/configs/quickstart_towers.gin",
+                f"--gin.MODEL_DIR={self.path('dual_encoder')}",
+                "--gin.TASK=stdlib_code_search_subtokens",
+                f"--gin.OUTPUT_DIR={self.path('retrieval')}",
+                f"--gin.embed.untrained_from={self.path('pretrained')}",
+                "--gin.embed.progress=False",
+            ],
+        )
+        if not os.path.exists(report):
+            raise QuickstartError(f"stage dual_encoder: `embed` wrote no {report}")
+        write_json(self.path("retrieval", "done"), {"report": report})
+        self._add_time("dual_encoder", time.perf_counter() - t0)
+
+    # evaluation: every result is a JSON file written once, complete
+    def _eval(self, name: str, argv: list[str]) -> None:
+        result = self.path("eval", name, "result.json")
+        if os.path.exists(result):
+            return
+        out_dir = self.path("eval", name)
+        metrics = os.path.join(out_dir, "metrics.jsonl")
+        if os.path.exists(metrics):  # an interrupted evaluation: start it again
+            os.remove(metrics)
+        run("evaluate", [*argv, f"--gin.MODEL_DIR={out_dir}"])
+        records = read_metrics(metrics, "eval")
+        if not records:
+            raise QuickstartError(f"stage evaluate: `eval` wrote no result to {metrics}")
+        write_json(result, records[-1])
+
+    def evaluate(self) -> None:
+        t0 = time.perf_counter()
+        b = self.budget
+        self._eval(
+            "pretrained_lm",
+            [
+                "eval",
+                f"--gin_file={EXPERIMENTS}/quickstart_eval_lm.gin",
+                f"--gin.PARAMS={self.path('pretrained')}",
+                f"--gin.EVAL_BATCHES={b.eval_batches}",
+            ],
+        )
+        for model in ("t5gemma_init", "adapt_ul2_params", "adapt_prefixlm_params"):
+            for short, task in EVAL_TASKS.items():
+                self._eval(
+                    f"{model}_{short}",
+                    [
+                        "eval",
+                        f"--gin_file={EXPERIMENTS}/quickstart_eval.gin",
+                        f"--gin.PARAMS={self.path(model)}",
+                        f"--gin.EVAL_TASK={task}",
+                        f"--gin.EVAL_BATCHES={b.eval_batches}",
+                    ],
+                )
+        for model in ("adapt_ul2_params", "adapt_prefixlm_params"):
+            output = self.path("predictions", f"{model.removesuffix('_params')}.jsonl")
+            if not os.path.exists(output):
+                run(
+                    "evaluate",
+                    [
+                        "infer",
+                        f"--gin_file={EXPERIMENTS}/quickstart_predict.gin",
+                        f"--gin.PARAMS={self.path(model)}",
+                        f"--gin.OUTPUT={output}",
+                    ],
+                )
+        self._add_time("evaluate", time.perf_counter() - t0)
+
+    def run_all(self) -> str:
+        """Runs the unfinished stages, then writes plots and the summary; returns the summary."""
+        import jax
+
+        os.makedirs(self.out, exist_ok=True)
+        self.check_settings()
+        # Compiled steps are cached on disk: a resumed quickstart does not compile them again.
+        jax.config.update("jax_compilation_cache_dir", self.path("jax_cache"))
+        b = self.budget
+        print(
+            f"[quickstart] output: {self.out} (scale {self.scale:g}: pretrain {b.pretrain_steps}"
+            f" steps, adaptation {b.adapt_steps} steps each, dual encoder "
+            f"{b.contrastive_steps} steps of {b.contrastive_batch_size}, batch {b.batch_size})",
+            flush=True,
+        )
+        for stage in STAGES:
+            getattr(self, stage)()
+        plots = write_plots(self.out, TRAINING_STAGES)
+        summary = self.summary(plots)
+        with open(self.path("summary.md"), "w") as f:
+            f.write(summary)
+        return summary
+
+    # ------------------------------------------------------------------------------ summary
+
+    def summary(self, plots: list[str]) -> str:
+        times = self._times()
+
+        def evals(name: str) -> dict:
+            path = self.path("eval", name, "result.json")
+            if not os.path.exists(path):
+                return {}
+            with open(path) as f:
+                return json.load(f)
+
+        def both(model: str, key: str) -> str:
+            values = [evals(f"{model}_{t}").get(key) for t in EVAL_TASKS]
+            return " / ".join(_fmt(v) for v in values)
+
+        retrieval = {}
+        report = self.path("retrieval", "retrieval_report.json")
+        if os.path.exists(report):
+            with open(report) as f:
+                retrieval = json.load(f).get("results", {})
+
+        def ndcg(row: str) -> str:
+            return _fmt(retrieval.get(row, {}).get("ndcg@10"))
+
+        lm = evals("pretrained_lm")
+        rows = [
+            (
+                "pretrain (decoder-only LM)",
+                self._steps("pretrain"),
+                times.get("pretrain"),
+                self._final_loss("pretrain"),
+                f"{_fmt(lm.get('loss'))} (LM)",
+                f"{_fmt(lm.get('accuracy'))} (LM)",
+                "",
+            ),
+            ("adapt (warm start, untrained)", 0, times.get("adapt"), None,
+             both("t5gemma_init", "loss"), both("t5gemma_init", "accuracy"), ""),
+            ("adapt + UL2", self._steps("adapt_ul2"), times.get("adapt_ul2"),
+             self._final_loss("adapt_ul2"), both("adapt_ul2_params", "loss"),
+             both("adapt_ul2_params", "accuracy"), ""),
+            ("adapt + PrefixLM + KD", self._steps("adapt_prefixlm"), times.get("adapt_prefixlm"),
+             self._final_loss("adapt_prefixlm"), both("adapt_prefixlm_params", "loss"),
+             both("adapt_prefixlm_params", "accuracy"), ""),
+            ("dual encoder (contrastive)", self._steps("dual_encoder"),
+             times.get("dual_encoder"), self._final_loss("dual_encoder"), "", "",
+             ndcg("towers")),
+            ("  untrained towers", "", None, None, "", "", ndcg("untrained towers")),
+            ("  BM25", "", None, None, "", "", ndcg("BM25")),
+            ("evaluate (eval, infer)", "", times.get("evaluate"), None, "", "", ""),
+        ]  # fmt: skip
+        header = (
+            "| stage | steps | time | final train loss | validation loss "
+            "(PrefixLM / span corr.) | validation accuracy (PrefixLM / span corr.) | "
+            "code search nDCG@10 |"
+        )
+        lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
+        for name, steps, seconds, loss, vloss, vacc, nd in rows:
+            t = _duration(seconds) if seconds is not None else ""
+            lines.append(
+                f"| {name} | {steps} | {t} | {_fmt(loss) if loss is not None else ''} | "
+                f"{vloss} | {vacc} | {nd} |"
+            )
+        examples = self._examples()
+        paths = [
+            ("checkpoints (training runs)", [self.path(s, "checkpoints") for s in TRAINING_STAGES]),
+            (
+                "params checkpoints",
+                [self.path(p) for p in PARAMS_CHECKPOINTS if is_params_checkpoint(self.path(p))],
+            ),
+            ("TensorBoard logs", [f"tensorboard --logdir {self.out}"]),
+            ("plots", plots),
+            ("retrieval report", [self.path("retrieval", "retrieval_report.md")]),
+            ("predictions", [self.path("predictions")]),
+        ]
+        out = ["# Quickstart summary", "", *lines, "", *examples, "## Paths", ""]
+        for title, items in paths:
+            out.append(f"- {title}:")
+            out += [f"  - {p}" for p in items]
+        return "\n".join(out) + "\n"
+
+    def _steps(self, name: str) -> int | str:
+        step = newest_step(self.path(name))
+        return step if step is not None else ""
+
+    def _final_loss(self, name: str) -> float | None:
+        records = read_metrics(self.path(name, "metrics.jsonl"), "train")
+        return records[-1].get("loss") if records else None
+
+    def _examples(self) -> list[str]:
+        out = []
+        for name in ("adapt_ul2", "adapt_prefixlm"):
+            path = self.path("predictions", f"{name}.jsonl")
+            if not os.path.exists(path):
+                continue
+            out.append(f"## Greedy decodes, {name} (stdlib_prefix_lm validation)")
+            out.append("")
+            with open(path) as f:
+                for line in list(f)[:2]:
+                    r = json.loads(line)
+                    out.append(f"- input: `{_short(r['inputs'])}`")
+                    out.append(f"  prediction: `{_short(r['prediction'])}`")
+            out.append("")
+        return out
+
+
+TRAINING_STAGES = ("pretrain", "adapt_ul2", "adapt_prefixlm", "dual_encoder")
+PARAMS_CHECKPOINTS = ("pretrained", "t5gemma_init", "adapt_ul2_params", "adapt_prefixlm_params")
+
+
+# ------------------------------------------------------------------------ metrics and plots
+
+
+def read_metrics(path: str, split: str) -> list[dict]:
+    """Records of `split` from a metrics.jsonl, one per step (the last one written wins: a
+    resumed run logs again the steps after its checkpoint), sorted by step."""
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if r.get("split") == split:
+                by_step[int(r["step"])] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def write_plots(out: str, stages) -> list[str]:
+    """One PNG per training stage (loss and accuracy against step) and one of all losses;
+    returns the paths written."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
+    written = []
+    curves = {}
+    for stage in stages:
+        records = read_metrics(os.path.join(out, stage, "metrics.jsonl"), "train")
+        if not records:
+            continue
+        steps = [r["step"] for r in records]
+        curves[stage] = (steps, [r["loss"] for r in records])
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot(steps, curves[stage][1], label="train loss")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        if "accuracy" in records[0]:
+            acc = ax.twinx()
+            acc.plot(steps, [r["accuracy"] for r in records], color="tab:orange", label="accuracy")
+            acc.set_ylabel("token accuracy")
+        ax.set_title(stage)
+        fig.tight_layout()
+        path = os.path.join(out, "plots", f"{stage}.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for stage, (steps, losses) in curves.items():
+            ax.plot(steps, losses, label=stage)
+        ax.set_xlabel("step")
+        ax.set_ylabel("train loss")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out, "plots", "all_losses.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def write_json(path: str, value) -> None:
+    """Written under a temporary name and renamed: the file exists only when complete."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _fmt(value) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _short(text: str, n: int = 80) -> str:
+    text = " ".join(text.split()).replace("`", "'")
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def main(argv: list[str] | None = None) -> int:
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    out = os.environ.get("QUICKSTART_DIR") or os.path.join("runs", "quickstart")
+    try:
+        scale = float(os.environ.get("QUICKSTART_SCALE", "1"))
+        qs = Quickstart(out, scale)
+    except ValueError as e:
+        print(f"quickstart: {e}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    try:
+        summary = qs.run_all()
+    except QuickstartError as e:
+        print(f"quickstart: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "\nquickstart: interrupted; run it again to continue from the last checkpoint",
+            file=sys.stderr,
+        )
+        return 130
+    print("\n" + summary, flush=True)
+    print(f"[quickstart] done in {_duration(time.perf_counter() - t0)}; summary: "
+          f"{qs.path('summary.md')}", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
