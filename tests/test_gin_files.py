@@ -3,6 +3,7 @@ early with the file and line (or the binding) named."""
 
 import glob
 import os
+import re
 import sys
 
 import gin
@@ -138,3 +139,55 @@ def test_gin_value_quotes_bare_strings():
     assert train.gin_value("1e-3") == "1e-3"
     assert train.gin_value("@DecoderOnlyModel()") == "@DecoderOnlyModel()"
     assert train.gin_value("(1, -1, 1)") == "(1, -1, 1)"
+
+
+def _configurable_modules() -> dict[str, list[str]]:
+    """module -> the `@gin.configurable(...)` decorators written in it (read from the source)."""
+    import ast
+
+    found = {}
+    package = os.path.join(REPO, "encdec_adapt")
+    for path in glob.glob(os.path.join(package, "**", "*.py"), recursive=True):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            for dec in getattr(node, "decorator_list", []):
+                text = ast.unparse(dec)
+                if text.startswith("gin.configurable"):
+                    module = os.path.relpath(path, REPO)[: -len(".py")].replace(os.sep, ".")
+                    found.setdefault(module, []).append(text)
+    return found
+
+
+def test_configurables_have_stable_names():
+    """Every configurable is registered as encdec_adapt.NAME, and configurables.py (the one
+    module run files import) imports every module that holds one."""
+    import encdec_adapt.configurables as registry
+
+    found = _configurable_modules()
+    assert found, "no gin configurables found: the source scan is broken"
+    with open(registry.__file__) as f:
+        source = f.read()
+    for module, decorators in found.items():
+        for text in decorators:
+            assert "module='encdec_adapt'" in text, f"{module}: {text} has no stable name"
+        package, name = module.rsplit(".", 1)
+        assert re.search(rf"from {re.escape(package)} import [^\n]*\b{name}\b", source) or (
+            re.search(rf"from {re.escape(package)} import \([^)]*\b{name}\b", source)
+        ), f"configurables.py does not import {module}"
+    for name in ("train", "DataConfig", "GemmaConfig", "DecoderOnlyModel"):
+        assert gin.config._REGISTRY.get_match(f"encdec_adapt.{name}") is not None
+
+
+def test_shipped_gin_files_name_no_module_path():
+    """Gin files import only the stable modules, so a run's saved config.gin (which repeats
+    their imports) keeps parsing when code moves between modules."""
+    stable = {"encdec_adapt.configurables", "encdec_adapt.nn", "encdec_adapt.tasks"}
+    stable.add("encdec_adapt.tasks.embedded")
+    for path in GIN_FILES:
+        with open(path) as f:
+            lines = f.readlines()
+        for line in lines:
+            if line.startswith("import encdec_adapt"):
+                assert line.split()[1] in stable, f"{path}: {line.strip()}"
+            assert "@encdec_adapt." not in line, f"{path}: {line.strip()}"

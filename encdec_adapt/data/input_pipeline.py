@@ -101,7 +101,7 @@ class SyntheticLM:
         self.index = int(state["index"])
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """A seqio task or mixture fed as batches.
@@ -296,7 +296,7 @@ def _mixture_rates(name: str) -> tuple[list[str], np.ndarray]:
     return [t.name for t in tasks], rates / rates.sum()
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
     """Synthetic next-token data (`SyntheticLM`): for smoke tests and benchmarks.

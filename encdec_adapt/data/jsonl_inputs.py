@@ -41,7 +41,7 @@ class JsonlInputError(ValueError):
     CLI reports it as a configuration error, exit code 2)."""
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class JsonlInputs:
     """A JSON-lines file of raw texts fed as fixed-shape batches.

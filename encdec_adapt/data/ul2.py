@@ -36,7 +36,7 @@ class Denoiser:
     weight: float
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class UL2Config:
     """UL2 denoisers: (mean span length, noise density) pairs per family, mode tokens, weights.

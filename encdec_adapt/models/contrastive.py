@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 _NEG = -1.0e9
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class ContrastiveConfig:
     """Switches of the in-batch softmax loss.

@@ -27,7 +27,7 @@ NEG_INF = -1.0e7  # finite, so that inf - inf never appears in beam bookkeeping
 METHODS = ("greedy", "sample", "beam")
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """How to decode.

@@ -81,7 +81,7 @@ def _count_nonpad(batch: dict, names: tuple[str, ...]) -> int:
     return int(sum(np.count_nonzero(batch[n]) for n in names if n in batch))
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class DualEncoderModel(BaseModel):
     """Query / document towers (`dual_encoder.DualEncoder`) trained with `contrastive.py`.
@@ -315,7 +315,7 @@ class DualEncoderModel(BaseModel):
         return metrics["loss_sum"] / normalizer, metrics
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class ClassifierModel(BaseModel):
     """An encoder classifier (`classifier.Classifier`: bidirectional Gemma encoder, pooling,

@@ -214,7 +214,7 @@ def apply_remat(module: nnx.Module, policy_name: str) -> nnx.Module:
     return module
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class DecoderOnlyModel(BaseModel):
     """A Gemma causal LM (`transformer.DecoderOnly`) trained on next-token prediction.
@@ -289,7 +289,7 @@ class DecoderOnlyModel(BaseModel):
         return 6 * (c.num_layers * (attn + ffw) + logits) + c.num_layers * per_layer_attn
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class EncoderDecoderModel(BaseModel):
     """A T5Gemma encoder-decoder (`encdec.EncoderDecoder`) trained on targets given inputs.
@@ -389,7 +389,7 @@ class _Pair(nnx.Module):
         self.teacher = teacher
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class DistillationModel(BaseModel):
     """PrefixLM knowledge distillation from a decoder-only teacher into an encoder-decoder.

@@ -197,7 +197,7 @@ def load_source(path: str, cfg: GemmaConfig) -> PyTree:
     return params
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class WarmStart:
     """Where an EncoderDecoder's initial parameters come from (bind in gin, call with a config).

@@ -20,7 +20,7 @@ class AttentionType(enum.StrEnum):
     LOCAL = "local"  # sliding window
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class GemmaConfig:
     """Architecture of one Gemma 2 / Gemma 3 transformer stack.
@@ -158,7 +158,7 @@ def load_preset(name: str) -> GemmaConfig:
 # --- Encoder-decoder (T5Gemma) and encoder-only classifier configs. --------------------------
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class EncoderDecoderConfig:
     """Architecture of a T5Gemma-style encoder-decoder built from two Gemma stacks.
@@ -247,7 +247,7 @@ class Pooling(enum.StrEnum):
     LAST = "last"  # the last non-padding token (as HF T5GemmaForSequenceClassification)
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class ClassifierConfig:
     """An encoder-only sequence classifier: bidirectional Gemma encoder, pooling, linear head.

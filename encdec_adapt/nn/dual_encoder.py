@@ -52,7 +52,7 @@ POOLINGS = (*(str(p) for p in Pooling), "attention", "lexical", "terms")
 VOCABULARY_POOLINGS = ("lexical", "terms")
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class DualEncoderConfig:
     """Architecture of a pair of embedding towers.

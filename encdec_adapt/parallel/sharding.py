@@ -46,7 +46,7 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class MeshRules:
     """A device mesh shape and the logical-axis rules used on it.

@@ -27,7 +27,7 @@ import orbax.checkpoint as ocp
 log = logging.getLogger(__name__)
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """When and how training checkpoints are written.

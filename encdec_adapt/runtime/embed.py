@@ -270,7 +270,7 @@ def _check(name: str, value, low: int) -> None:
         raise ValueError(f"embed.{name}={value!r} must be an int >= {low}")
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 def embed(
     *,
     model: BaseModel = gin.REQUIRED,

@@ -44,7 +44,7 @@ def _restore_params(trainer: Trainer, model_dir: str | None, params_from: str | 
         ckpt.close()
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 def evaluate(
     *,
     model: BaseModel = gin.REQUIRED,
@@ -79,7 +79,7 @@ def evaluate(
     return result
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 def infer(
     *,
     model: BaseModel = gin.REQUIRED,

@@ -20,7 +20,7 @@ SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 
 
-@gin.configurable
+@gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """What turns gradients into parameter updates.

@@ -79,7 +79,7 @@ def _tokens(model: BaseModel, local_batch: dict) -> int:
     return model.count_tokens(local_batch) * jax.process_count()
 
 
-@gin.configurable(denylist=["stop_after"])
+@gin.configurable(module="encdec_adapt", denylist=["stop_after"])
 def train(
     *,
     model_dir: str = gin.REQUIRED,
