@@ -17,6 +17,7 @@ from encdec_adapt import load_preset
 from encdec_adapt.cli import main
 from encdec_adapt.nn.transformer import DecoderOnly
 from encdec_adapt.runtime import export_params
+from encdec_adapt.runtime.metrics_log import read_metrics
 from encdec_adapt.storage import params_io
 from experiments import quickstart
 
@@ -108,7 +109,9 @@ def test_budget_scaling_and_metrics_dedupe(tmp_path):
         {"step": 2, "split": "train", "loss": 2.5},  # logged again after a resume
     ]
     path.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 3, "spl')
-    records = quickstart.read_metrics(str(path), "train")
+    records = read_metrics(str(path), "train")
+    assert read_metrics(str(tmp_path), "eval") == [lines[2]]  # a MODEL_DIR: its metrics.jsonl
+    assert read_metrics(str(tmp_path / "none"), "train") == []
     assert [(r["step"], r["loss"]) for r in records] == [(1, 3.0), (2, 2.5)]
 
 
