@@ -19,11 +19,11 @@ experiments/configs/quickstart_*.gin):
                   of the training curves, and the summary table (summary.md)
 
 Everything runs in this process, through `encdec_adapt.cli.main.main` (what the `encdec-adapt`
-command calls), so JAX and TensorFlow start once. Resuming: a stage's outputs are checked for
-completeness, not presence: a training stage is finished when its newest checkpoint is its last
-step (otherwise `train` resumes from the newest checkpoint, "Resuming from step N"); params
-checkpoints and reports are written under temporary names and renamed at the end, so they exist
-only when complete. Interrupt at any point (Ctrl-C, kill -9) and run again.
+command calls), so JAX and TensorFlow start once. Resuming (experiments.stages): a stage's
+outputs are checked for completeness, not presence: a training stage is finished when its newest
+checkpoint is its last step (otherwise `train` resumes from the newest checkpoint, "Resuming from
+step N"); params checkpoints and results are written under temporary names and renamed at the
+end, so they exist only when complete. Interrupt at any point (Ctrl-C, kill -9) and run again.
 
 Environment: QUICKSTART_DIR (default runs/quickstart), QUICKSTART_SCALE (default 1: multiplies
 every stage's steps; below 0.1 the batches also shrink to 4 rows and evaluation to 2 batches).
@@ -39,6 +39,10 @@ import os
 import sys
 import time
 
+from encdec_adapt.runtime.metrics_log import read_metrics
+from experiments.plots import write_plots
+from experiments.stages import StageError, Stages, StageTimes, read_json, write_json
+
 STAGES = ("corpus", "pretrain", "adapt", "adapt_ul2", "adapt_prefixlm", "dual_encoder", "evaluate")
 EXPERIMENTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 # Validation tasks of the encoder-decoders: PrefixLM (generation) and span corruption (denoising).
@@ -50,7 +54,7 @@ EVAL_TASKS = {"prefix_lm": "stdlib_prefix_lm", "span_corruption": "stdlib_span_c
 LAZY_CONFIGURABLES = ("encdec_adapt.data.jsonl_inputs",)
 
 
-class QuickstartError(RuntimeError):
+class QuickstartError(StageError):
     """A stage's command failed; the message names the stage and the command line."""
 
 
@@ -156,15 +160,15 @@ class Quickstart:
         self.out = os.path.abspath(out)
         self.scale = scale
         self.budget = (budget or Budget()).scaled(scale)
-        self.times_file = self.path("stage_times.json")
+        self.times = StageTimes(self.path("stage_times.json"))
+        self.stages = Stages(lambda m: print(f"[quickstart] {m}", flush=True), self.times)
         self.settings_file = self.path("quickstart.json")
 
     def check_settings(self) -> None:
         """A directory holds one budget: finished stages of another scale would be reused."""
         settings = {"scale": self.scale, "budget": dataclasses.asdict(self.budget)}
-        if os.path.exists(self.settings_file):
-            with open(self.settings_file) as f:
-                before = json.load(f)
+        before = read_json(self.settings_file)
+        if before is not None:
             if before != settings:
                 raise QuickstartError(
                     f"{self.out} holds a quickstart run at scale {before.get('scale')} "
@@ -177,62 +181,49 @@ class Quickstart:
     def path(self, *names: str) -> str:
         return os.path.join(self.out, *names)
 
-    # timing survives interruptions: seconds are added per invocation of a stage
-    def _times(self) -> dict[str, float]:
-        if not os.path.exists(self.times_file):
-            return {}
-        with open(self.times_file) as f:
-            return json.load(f)
-
-    def _add_time(self, stage: str, seconds: float) -> None:
-        times = self._times()
-        times[stage] = times.get(stage, 0.0) + seconds
-        write_json(self.times_file, times)
-
     def train_stage(
         self, name: str, gin_file: str, steps: int, *extra: str, batch: int | None = None
     ) -> None:
+        """A training run: finished when its newest checkpoint is step `steps`."""
         model_dir = self.path(name)
-        if (newest_step(model_dir) or 0) >= steps:
-            print(f"[quickstart] {name}: finished ({steps} steps in {model_dir}), skipping")
-            return
-        t0 = time.perf_counter()
-        try:
-            batch = batch or self.budget.batch_size
-            run(name, train_args(gin_file, model_dir, steps, batch, *extra))
-        finally:
-            self._add_time(name, time.perf_counter() - t0)
-        reached = newest_step(model_dir) or 0
-        if reached < steps:  # SIGTERM: `train` saved a checkpoint and exited cleanly
-            raise QuickstartError(
-                f"stage {name} stopped at step {reached} of {steps} (preempted?); run the "
-                "quickstart again to resume it"
-            )
+        batch = batch or self.budget.batch_size
+        self.stages.run(
+            name,
+            lambda: run(name, train_args(gin_file, model_dir, steps, batch, *extra)),
+            finished=lambda: (newest_step(model_dir) or 0) >= steps,
+            done=f" ({steps} steps in {model_dir})",
+        )
+
+    def command_stage(self, name: str, output: str, argv: list[str]) -> None:
+        """A command that writes the params checkpoint `output` (complete when present)."""
+        self.stages.run(
+            name,
+            lambda: run(name, argv),
+            finished=lambda: is_params_checkpoint(output),
+            done=f" ({output})",
+        )
 
     def export_stage(self, name: str, model_dir: str, output: str) -> None:
-        if is_params_checkpoint(output):
-            return
-        t0 = time.perf_counter()
-        run(name, ["export-params", f"--model_dir={model_dir}", f"--output={output}"])
-        self._add_time(name, time.perf_counter() - t0)
+        self.command_stage(
+            name, output, ["export-params", f"--model_dir={model_dir}", f"--output={output}"]
+        )
 
     def corpus(self) -> None:
         # Idempotent (the corpus is built once per machine); later stages would build it too.
-        if os.path.exists(self.path("corpus_shown")):
-            return
-        run("corpus", ["tasks", "--show", "stdlib_lm", "-n", "1", "--lengths", "targets=64"])
-        write_json(self.path("corpus_shown"), {"task": "stdlib_lm"})
+        def show() -> dict:
+            run("corpus", ["tasks", "--show", "stdlib_lm", "-n", "1", "--lengths", "targets=64"])
+            return {"task": "stdlib_lm"}
+
+        self.stages.run("corpus", show, result=self.path("corpus_shown"))
 
     def pretrain(self) -> None:
         self.train_stage("pretrain", "quickstart_pretrain.gin", self.budget.pretrain_steps)
 
     def adapt(self) -> None:
         self.export_stage("adapt", self.path("pretrain"), self.path("pretrained"))
-        if is_params_checkpoint(self.path("t5gemma_init")):
-            return
-        t0 = time.perf_counter()
-        run(
+        self.command_stage(
             "adapt",
+            self.path("t5gemma_init"),
             [
                 "adapt",
                 "--preset=t5gemma_tiny",
@@ -240,7 +231,6 @@ class Quickstart:
                 f"--output={self.path('t5gemma_init')}",
             ],
         )
-        self._add_time("adapt", time.perf_counter() - t0)
 
     def adapt_ul2(self) -> None:
         self.train_stage(
@@ -272,45 +262,50 @@ class Quickstart:
             batch=self.budget.contrastive_batch_size,
         )
         report = self.path("retrieval", "retrieval_report.json")
-        if os.path.exists(self.path("retrieval", "done")):
-            return
-        t0 = time.perf_counter()
-        run(
-            "dual_encoder",
-            [
-                "embed",
-                "--gin_file=models/gemma_tiny.gin",
-                "--gin_file=runs/embed.gin",
-                "--gin_file=experiments/configs/quickstart_towers.gin",
-                f"--gin.MODEL_DIR={self.path('dual_encoder')}",
-                "--gin.TASK=stdlib_code_search_subtokens",
-                f"--gin.OUTPUT_DIR={self.path('retrieval')}",
-                f"--gin.embed.untrained_from={self.path('pretrained')}",
-                "--gin.embed.progress=False",
-            ],
-        )
-        if not os.path.exists(report):
-            raise QuickstartError(f"stage dual_encoder: `embed` wrote no {report}")
-        write_json(self.path("retrieval", "done"), {"report": report})
-        self._add_time("dual_encoder", time.perf_counter() - t0)
+
+        def embed() -> dict:
+            run(
+                "dual_encoder",
+                [
+                    "embed",
+                    "--gin_file=models/gemma_tiny.gin",
+                    "--gin_file=runs/embed.gin",
+                    "--gin_file=experiments/configs/quickstart_towers.gin",
+                    f"--gin.MODEL_DIR={self.path('dual_encoder')}",
+                    "--gin.TASK=stdlib_code_search_subtokens",
+                    f"--gin.OUTPUT_DIR={self.path('retrieval')}",
+                    f"--gin.embed.untrained_from={self.path('pretrained')}",
+                    "--gin.embed.progress=False",
+                ],
+            )
+            if not os.path.exists(report):
+                raise QuickstartError(f"stage dual_encoder: `embed` wrote no {report}")
+            return {"report": report}
+
+        self.stages.run("dual_encoder", embed, result=self.path("retrieval", "done"))
 
     # evaluation: every result is a JSON file written once, complete
     def _eval(self, name: str, argv: list[str]) -> None:
-        result = self.path("eval", name, "result.json")
-        if os.path.exists(result):
-            return
         out_dir = self.path("eval", name)
         metrics = os.path.join(out_dir, "metrics.jsonl")
-        if os.path.exists(metrics):  # an interrupted evaluation: start it again
-            os.remove(metrics)
-        run("evaluate", [*argv, f"--gin.MODEL_DIR={out_dir}"])
-        records = read_metrics(metrics, "eval")
-        if not records:
-            raise QuickstartError(f"stage evaluate: `eval` wrote no result to {metrics}")
-        write_json(result, records[-1])
+
+        def evaluate() -> dict:
+            run("evaluate", [*argv, f"--gin.MODEL_DIR={out_dir}"])
+            records = read_metrics(metrics, "eval")
+            if not records:
+                raise QuickstartError(f"stage evaluate: `eval` wrote no result to {metrics}")
+            return records[-1]
+
+        # an interrupted evaluation starts again (its metrics.jsonl would hold two results)
+        self.stages.run(
+            "evaluate",
+            evaluate,
+            result=os.path.join(out_dir, "result.json"),
+            restart=[metrics],
+            done=f" ({name})",
+        )
 
     def evaluate(self) -> None:
-        t0 = time.perf_counter()
         b = self.budget
         self._eval(
             "pretrained_lm",
@@ -335,17 +330,18 @@ class Quickstart:
                 )
         for model in ("adapt_ul2_params", "adapt_prefixlm_params"):
             output = self.path("predictions", f"{model.removesuffix('_params')}.jsonl")
-            if not os.path.exists(output):
-                run(
-                    "evaluate",
-                    [
-                        "infer",
-                        f"--gin_file={EXPERIMENTS}/quickstart_predict.gin",
-                        f"--gin.PARAMS={self.path(model)}",
-                        f"--gin.OUTPUT={output}",
-                    ],
-                )
-        self._add_time("evaluate", time.perf_counter() - t0)
+            argv = [
+                "infer",
+                f"--gin_file={EXPERIMENTS}/quickstart_predict.gin",
+                f"--gin.PARAMS={self.path(model)}",
+                f"--gin.OUTPUT={output}",
+            ]
+            self.stages.run(
+                "evaluate",
+                lambda argv=argv: run("evaluate", argv),
+                finished=lambda output=output: os.path.exists(output),
+                done=f" ({output})",
+            )
 
     def run_all(self) -> str:
         """Runs the unfinished stages, then writes plots and the summary; returns the summary."""
@@ -373,24 +369,17 @@ class Quickstart:
     # ------------------------------------------------------------------------------ summary
 
     def summary(self, plots: list[str]) -> str:
-        times = self._times()
+        times = self.times.get()
 
         def evals(name: str) -> dict:
-            path = self.path("eval", name, "result.json")
-            if not os.path.exists(path):
-                return {}
-            with open(path) as f:
-                return json.load(f)
+            return read_json(self.path("eval", name, "result.json")) or {}
 
         def both(model: str, key: str) -> str:
             values = [evals(f"{model}_{t}").get(key) for t in EVAL_TASKS]
             return " / ".join(_fmt(v) for v in values)
 
-        retrieval = {}
-        report = self.path("retrieval", "retrieval_report.json")
-        if os.path.exists(report):
-            with open(report) as f:
-                retrieval = json.load(f).get("results", {})
+        report = read_json(self.path("retrieval", "retrieval_report.json")) or {}
+        retrieval = report.get("results", {})
 
         def ndcg(row: str) -> str:
             return _fmt(retrieval.get(row, {}).get("ndcg@10"))
@@ -480,84 +469,6 @@ TRAINING_STAGES = ("pretrain", "adapt_ul2", "adapt_prefixlm", "dual_encoder")
 PARAMS_CHECKPOINTS = ("pretrained", "t5gemma_init", "adapt_ul2_params", "adapt_prefixlm_params")
 
 
-# ------------------------------------------------------------------------ metrics and plots
-
-
-def read_metrics(path: str, split: str) -> list[dict]:
-    """Records of `split` from a metrics.jsonl, one per step (the last one written wins: a
-    resumed run logs again the steps after its checkpoint), sorted by step."""
-    if not os.path.exists(path):
-        return []
-    by_step: dict[int, dict] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut by a kill
-                continue
-            if r.get("split") == split:
-                by_step[int(r["step"])] = r
-    return [by_step[s] for s in sorted(by_step)]
-
-
-def write_plots(out: str, stages) -> list[str]:
-    """One PNG per training stage (loss and accuracy against step) and one of all losses;
-    returns the paths written."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-
-    os.makedirs(os.path.join(out, "plots"), exist_ok=True)
-    written = []
-    curves = {}
-    for stage in stages:
-        records = read_metrics(os.path.join(out, stage, "metrics.jsonl"), "train")
-        if not records:
-            continue
-        steps = [r["step"] for r in records]
-        curves[stage] = (steps, [r["loss"] for r in records])
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot(steps, curves[stage][1], label="train loss")
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        if "accuracy" in records[0]:
-            acc = ax.twinx()
-            acc.plot(steps, [r["accuracy"] for r in records], color="tab:orange", label="accuracy")
-            acc.set_ylabel("token accuracy")
-        ax.set_title(stage)
-        fig.tight_layout()
-        path = os.path.join(out, "plots", f"{stage}.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for stage, (steps, losses) in curves.items():
-            ax.plot(steps, losses, label=stage)
-        ax.set_xlabel("step")
-        ax.set_ylabel("train loss")
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(out, "plots", "all_losses.png")
-        fig.savefig(path, dpi=100)
-        plt.close(fig)
-        written.append(path)
-    return written
-
-
-def write_json(path: str, value) -> None:
-    """Written under a temporary name and renamed: the file exists only when complete."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _fmt(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
@@ -585,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         summary = qs.run_all()
-    except QuickstartError as e:
+    except StageError as e:
         print(f"quickstart: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from encdec_adapt import load_preset
 from encdec_adapt.cli import main
 from encdec_adapt.nn.transformer import DecoderOnly
 from encdec_adapt.runtime import export_params
+from encdec_adapt.runtime.metrics_log import read_metrics
 from encdec_adapt.storage import params_io
 from experiments import quickstart
 
@@ -108,7 +109,9 @@ def test_budget_scaling_and_metrics_dedupe(tmp_path):
         {"step": 2, "split": "train", "loss": 2.5},  # logged again after a resume
     ]
     path.write_text("\n".join(json.dumps(r) for r in lines) + '\n{"step": 3, "spl')
-    records = quickstart.read_metrics(str(path), "train")
+    records = read_metrics(str(path), "train")
+    assert read_metrics(str(tmp_path), "eval") == [lines[2]]  # a MODEL_DIR: its metrics.jsonl
+    assert read_metrics(str(tmp_path / "none"), "train") == []
     assert [(r["step"], r["loss"]) for r in records] == [(1, 3.0), (2, 2.5)]
 
 
@@ -173,3 +176,35 @@ def test_a_directory_keeps_its_scale(tmp_path):
     quickstart.Quickstart(str(tmp_path), 0.02).check_settings()  # same settings: fine
     with pytest.raises(quickstart.QuickstartError, match=r"holds a quickstart run at scale 0\.02"):
         quickstart.Quickstart(str(tmp_path), 0.5).check_settings()
+
+
+def test_stage_runner_skips_restarts_checks_and_times(tmp_path):
+    from experiments import stages
+
+    messages, calls = [], []
+    times = stages.StageTimes(str(tmp_path / "times.json"))
+    runner = stages.Stages(messages.append, times)
+    result = str(tmp_path / "a" / "result.json")
+    partial = tmp_path / "partial.jsonl"
+    partial.write_text("half")
+
+    def work():
+        assert not partial.exists()  # removed before the stage runs again
+        calls.append(1)
+        return {"loss": 1.5}
+
+    assert runner.run("a", work, result=result, restart=[str(partial)]) == {"loss": 1.5}
+    assert not os.path.exists(result + ".tmp")
+    assert runner.run("a", work, result=result) == {"loss": 1.5}  # finished: read back
+    assert calls == [1] and messages == ["a: finished, skipping"]
+    assert set(times.get()) == {"a"}
+
+    # a stage whose finished check fails after it ran (preempted) raises, and adds its time
+    with pytest.raises(stages.StageError, match="stage b stopped before it finished"):
+        runner.run("b", lambda: None, finished=lambda: False)
+    done = tmp_path / "b.done"
+    runner.run("b", done.touch, finished=done.exists)  # resumed: runs, then finished
+    runner.run("b", done.touch, finished=done.exists)
+    assert messages[-1] == "b: finished, skipping" and times.get()["b"] > 0
+    with pytest.raises(ValueError, match="result file or a finished check"):
+        runner.run("c", lambda: None)

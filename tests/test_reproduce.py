@@ -1,25 +1,16 @@
-"""experiments/reproduce.py: settings, the report, the seeds table (--seeds / --aggregate), and
+"""experiments.reproduce: settings, the report, the seeds table (--seeds / --aggregate), and
 (slow) an end-to-end run with resume."""
 
-import importlib.util
 import os
-import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import experiments.reproduce
 
 
 @pytest.fixture(scope="module")
 def reproduce():
-    spec = importlib.util.spec_from_file_location(
-        "reproduce", os.path.join(REPO, "experiments", "reproduce.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["reproduce"] = module  # dataclasses look their module up while the class is made
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("reproduce", None)
+    return experiments.reproduce
 
 
 def test_default_settings_parse_and_type_check(reproduce):
@@ -150,7 +141,7 @@ def _losses(seed):
 
 
 def _fake_run(reproduce, out, seed, losses=None, overrides=(), arms=None):
-    """A finished run's directory as experiments/reproduce.py leaves it (settings.json,
+    """A finished run's directory as experiments.reproduce leaves it (settings.json,
     pretrain/WHICH/result.json, arms/NAME/result.json), made without training; returns its
     settings. `arms`: the arms written (default: all)."""
     s = _settings(reproduce, [f"--gin.SEED={seed}", f"--gin.OUTPUT_DIR={out}", *overrides])
@@ -280,7 +271,7 @@ def test_aggregate_refuses_two_runs_of_one_seed(reproduce, tmp_path, capsys):
     ("make", "message"),
     [
         ("missing", "{d}: no such directory"),
-        ("empty", "{d}: no results of experiments/reproduce.py here (no settings.json"),
+        ("empty", "{d}: no results of experiments.reproduce here (no settings.json"),
         ("settings_only", "{d}: no results (no arms/NAME/result.json)"),
         ("two_arms", "{d}: no result for arm(s) causal_encoder_ul2, adapted_prefixlm_kd, "),
         (
@@ -362,5 +353,5 @@ def test_end_to_end_at_a_tiny_budget_then_resume(reproduce, tmp_path, capsys):
     # A second run reuses every finished stage and writes the same table.
     assert reproduce.main(argv) == 0
     log = capsys.readouterr().out
-    assert "pretrain small: done" in log and "arm unbalanced_warmup_ul2: done" in log
+    assert "pretrain small: finished" in log and "arm unbalanced_warmup_ul2: finished" in log
     assert (out / "results.md").read_text() == text

@@ -1,7 +1,8 @@
 """Where training metrics go: TensorBoard event files, a JSON-lines log, and a terminal line.
 
 Only process 0 writes. Files: MODEL_DIR/metrics.jsonl (one {"step", "split", name: value}
-object per line) and MODEL_DIR/tb/<split>/events.* (TensorBoard scalars).
+object per line) and MODEL_DIR/tb/<split>/events.* (TensorBoard scalars). `read_metrics` reads
+the JSON-lines log back.
 """
 
 from __future__ import annotations
@@ -12,6 +13,34 @@ import sys
 import time
 
 import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_metrics(path: str, split: str = "train") -> list[dict]:
+    """The records of `split` ("train", "eval") in a metrics.jsonl (`path`: the file, or the
+    MODEL_DIR holding it), one per step, sorted by step; [] when there is no file.
+
+    A resumed run logs again the steps after its checkpoint: the last record of a step wins.
+    Blank lines and a last line cut by a kill are skipped.
+    """
+    if os.path.isdir(path):
+        path = os.path.join(path, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    by_step: dict[int, dict] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut by a kill
+                continue
+            if record.get("split") == split:
+                by_step[int(record["step"])] = record
+    return [by_step[s] for s in sorted(by_step)]
 
 
 def format_duration(seconds: float) -> str:
@@ -41,7 +70,7 @@ class MetricsLogger:
         self._step0 = None
         if self.enabled:
             os.makedirs(model_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(model_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")  # noqa: SIM115
 
     def _writer(self, split: str):
         if split not in self._writers:
