@@ -159,7 +159,7 @@ def parse_args(argv: list[str]) -> Command:
         help="train nothing: the seeds table of these finished runs' OUTPUT_DIRs",
     )
     parser.add_argument("--output", help="the seeds table's file (--seeds / --aggregate)")
-    from encdec_adapt.runtime.train import gin_value
+    from encdec_adapt.cli.gin_runner import gin_value
 
     bindings, rest = [], []
     for arg in argv:
@@ -277,7 +277,7 @@ def run_train(model_dir: str, gin_files: list[str], bindings: list[str], log: st
     the wall time of this invocation in seconds."""
     import gin
 
-    from encdec_adapt.runtime import train
+    from encdec_adapt.cli import main
 
     argv = [f"--gin_file={f}" for f in gin_files]
     argv += [f"--gin.MODEL_DIR={model_dir}", *(f"--gin.{b}" for b in bindings)]
@@ -285,7 +285,7 @@ def run_train(model_dir: str, gin_files: list[str], bindings: list[str], log: st
     t0 = time.perf_counter()
     with logged(log):
         print("encdec-adapt train " + " ".join(argv), flush=True)
-        code = train.run_command("train", argv)
+        code = main.main(["train", *argv])
     gin.clear_config()
     if code != 0:
         raise RuntimeError(f"encdec-adapt train {' '.join(argv)} exited with {code}; see {log}")
@@ -469,7 +469,7 @@ class Reproduction:
 
     def adapt(self, kind: str, small: dict, wide: dict) -> str:
         """`encdec-adapt adapt` for "balanced" / "unbalanced"; returns the checkpoint path."""
-        from encdec_adapt.models import warm_start as adapt
+        from encdec_adapt.cli import main
 
         out = self.path("adapted", kind)
         if os.path.exists(os.path.join(out, "model.json")):
@@ -481,7 +481,7 @@ class Reproduction:
             argv = ["--preset", self.unbal_file, "--encoder", wide["params"]]
             argv += ["--decoder", small["params"], "--seed", str(self.s["SEED"])]
         with logged(self._log(f"adapt_{kind}")):
-            code = adapt.adapt_main([*argv, "--output", out, "--overwrite"])
+            code = main.main(["adapt", *argv, "--output", out, "--overwrite"])
         if code != 0:
             raise RuntimeError(f"encdec-adapt adapt {' '.join(argv)} failed; see the log")
         self.echo(f"adapt {kind}: {out}")
