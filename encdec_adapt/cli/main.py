@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib
+import logging
 import os
 import sys
 import tempfile
@@ -119,10 +120,22 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def _not_gin_path_probe(record: logging.LogRecord) -> bool:
+    """gin logs an ERROR for every search-path prefix under which a gin file is *not* found,
+    also when it then finds the file under the next one."""
+    return not (
+        record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+        and record.levelno == logging.ERROR
+    )
+
+
 def quiet_environment() -> None:
     """Log defaults for the libraries the commands load (a value already set wins). Numerics
     are untouched: oneDNN stays as TensorFlow sets it."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    root = logging.getLogger()
+    if _not_gin_path_probe not in root.filters:
+        root.addFilter(_not_gin_path_probe)
 
 
 @contextlib.contextmanager
@@ -166,10 +179,12 @@ def import_tensorflow_quietly() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def _one_line(e: BaseException) -> str:
-    """The message of `e` without the call context gin appends to errors of configurables."""
+def _message(command: str, e: BaseException) -> str:
+    """The message of `e` without the call context gin appends to errors of configurables (and
+    without a repeated `COMMAND: ` prefix)."""
     lines = str(e).splitlines() or [type(e).__name__]
-    return "\n".join(line for line in lines if not line.startswith("  In call to configurable"))
+    text = "\n".join(line for line in lines if not line.startswith("  In call to configurable"))
+    return text.removeprefix(f"{command}: ")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
         from encdec_adapt.errors import EncdecError, TrainingDiverged
 
         if isinstance(e, EncdecError):
-            print(f"encdec-adapt {command}: {_one_line(e)}", file=sys.stderr)
+            print(f"encdec-adapt {command}: {_message(command, e)}", file=sys.stderr)
             for where in gin_run.locate(str(e)) if gin_run is not None else []:
                 print(f"  set at {where}", file=sys.stderr)
             return 2

@@ -69,6 +69,7 @@ def tasks_main(argv: list[str]) -> int:
     )
     parser.add_argument("--data-dir", help="embedded corpus TFDS dir ($ENCDEC_ADAPT_TFDS_DIR)")
     args = parser.parse_args(argv)
+    lengths = _parse_lengths(args.lengths)
     if args.data_dir:
         os.environ["ENCDEC_ADAPT_TFDS_DIR"] = args.data_dir
 
@@ -81,7 +82,7 @@ def tasks_main(argv: list[str]) -> int:
         except ImportError as e:
             raise InputError(f"--module {module}: cannot import it ({e})") from e
     if args.show:
-        _show(args.show, args.num, args.split, args.seed, _parse_lengths(args.lengths))
+        _show(args.show, args.num, args.split, args.seed, lengths)
         return 0
     tasks, mixtures = registry.registered()
     print(f"tasks ({len(tasks)}):")
