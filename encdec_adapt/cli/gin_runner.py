@@ -126,8 +126,9 @@ class GinRun:
     def locate(self, message: str) -> list[str]:
         return locate_bindings(message, self.files, self.bindings)
 
-    def __call__(self, argv: list[str], entry: Callable[[], object], name: str) -> int:
-        """Parses flags and gin, then calls `entry` (the gin entry point `name`); returns 0."""
+    def __call__(self, argv: list[str], load_entry: Callable[[], Callable], name: str) -> int:
+        """Parses flags, starts jax.distributed, loads the gin entry point `name` (importing its
+        module registers the configurables), parses gin, then calls the entry; returns 0."""
         from encdec_adapt.parallel import distributed
 
         args, bindings = parse_flags(argv, self.command, name)
@@ -141,6 +142,7 @@ class GinRun:
         from encdec_adapt.nn import config as config_lib
 
         config_lib.add_gin_search_path(*args.gin_file, extra=args.gin_search_path)
+        entry = load_entry()
         try:
             gin.parse_config_files_and_bindings(args.gin_file, bindings)
         except Exception as e:  # gin's parse errors carry the file and line in their message

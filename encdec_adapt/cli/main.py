@@ -202,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if spec.tensorflow:
             import_tensorflow_quietly()
-        function = getattr(importlib.import_module(spec.module), spec.function)
+        load = lambda: getattr(importlib.import_module(spec.module), spec.function)
         if not spec.gin:
-            return int(function(rest) or 0)
+            return int(load()(rest) or 0)
         from encdec_adapt.cli.gin_runner import GinRun
 
         gin_run = GinRun(command)
-        return gin_run(rest, function, spec.function)
+        return gin_run(rest, load, spec.function)  # loads after jax.distributed starts
     except SystemExit as e:  # --help (0); a command's own exit code
         if isinstance(e.code, int) or e.code is None:
             return e.code or 0
