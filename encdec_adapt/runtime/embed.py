@@ -33,6 +33,8 @@ import gin
 import numpy as np
 from flax import nnx
 
+# At import: its gin configurables cannot register once the config is locked (during embed).
+from encdec_adapt.data import input_pipeline
 from encdec_adapt.errors import CheckpointError, ConfigError, InputError, MissingFileError
 from encdec_adapt.evaluation.bm25 import evaluate_bm25
 from encdec_adapt.evaluation.encode import EncodeStats, TextEncoder
@@ -363,8 +365,6 @@ def embed(
     if vocabulary_file is not None:
         vocab = registry.vocabulary(vocabulary_file)
     elif task is not None:
-        from encdec_adapt.data import input_pipeline
-
         vocab = next(iter(input_pipeline.vocabularies(task).values()))
     else:
         vocab = registry.vocabulary()
