@@ -248,7 +248,7 @@ def test_adapt_cli_writes_checkpoint_and_names_mismatches(tmp_path, capsys):
     # mismatching parameter and both shapes, and nothing is written.
     bad = str(tmp_path / "bad")
     argv = ["--encoder", ckpt, "--decoder", ckpt, "--output", bad]
-    assert main.main(["adapt", "--preset", "t5gemma_tiny_unbalanced", *argv]) == 1
+    assert main.main(["adapt", "--preset", "t5gemma_tiny_unbalanced", *argv]) == 2
     err = capsys.readouterr().err
     assert ckpt in err and "'embedder/embedding'" in err
     assert "(4096, 64)" in err and "(4096, 96)" in err

@@ -168,7 +168,7 @@ def test_t5gemma2_variant_has_no_t5gemma_export(tmp_path, capsys):
     params = params_io.model_params(EncoderDecoder(cfg, rngs=nnx.Rngs(0)))
     ckpt = str(tmp_path / "ckpt")
     params_io.save(ckpt, params, t5gemma.ENCODER_DECODER, cfg.to_dict())
-    assert main.main(["export-hf", "--input", ckpt, "--output", str(tmp_path / "hf")]) == 1
+    assert main.main(["export-hf", "--input", ckpt, "--output", str(tmp_path / "hf")]) == 2
     assert "merged attention" in capsys.readouterr().err
 
 
@@ -184,6 +184,6 @@ def test_wrong_cross_attention_shape_names_tensor_and_shapes(hf_model, tmp_path,
         config = json.load(f)
     with open(os.path.join(bad, "config.json"), "w") as f:
         json.dump(config, f)
-    assert main.main(["import-hf", "--input", bad, "--output", str(tmp_path / "o")]) == 1
+    assert main.main(["import-hf", "--input", bad, "--output", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert name in err and "(16, 32)" in err and "(16, 40)" in err

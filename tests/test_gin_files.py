@@ -9,8 +9,9 @@ import sys
 import gin
 import pytest
 
+from encdec_adapt.cli import main
+from encdec_adapt.cli.gin_runner import gin_value
 from encdec_adapt.nn import config as config_lib
-from encdec_adapt.runtime import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GIN_FILES = sorted(
@@ -69,7 +70,7 @@ def test_gin_file_parses(path):
 
 
 def _run(capsys, *argv):
-    code = train.run_command("train", list(argv))
+    code = main.main(["train", *argv])
     return code, capsys.readouterr().err
 
 
@@ -129,16 +130,16 @@ def test_unknown_task_suggests_names(tmp_path, capsys):
         f"--gin.TRAIN_TASK={tiny_seqio_task.TASK[:-1]}",
     )
     assert code == 2
-    assert f"Unknown seqio task or mixture '{tiny_seqio_task.TASK[:-1]}'" in err
-    assert f"Did you mean: {tiny_seqio_task.TASK}" in err
+    assert f"unknown seqio task or mixture '{tiny_seqio_task.TASK[:-1]}'" in err
+    assert f"closest registered names: {tiny_seqio_task.TASK}" in err
 
 
 def test_gin_value_quotes_bare_strings():
-    assert train.gin_value("/tmp/x") == "'/tmp/x'"
-    assert train.gin_value("'/tmp/x'") == "'/tmp/x'"
-    assert train.gin_value("1e-3") == "1e-3"
-    assert train.gin_value("@DecoderOnlyModel()") == "@DecoderOnlyModel()"
-    assert train.gin_value("(1, -1, 1)") == "(1, -1, 1)"
+    assert gin_value("/tmp/x") == "'/tmp/x'"
+    assert gin_value("'/tmp/x'") == "'/tmp/x'"
+    assert gin_value("1e-3") == "1e-3"
+    assert gin_value("@DecoderOnlyModel()") == "@DecoderOnlyModel()"
+    assert gin_value("(1, -1, 1)") == "(1, -1, 1)"
 
 
 def _configurable_modules() -> dict[str, list[str]]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from encdec_adapt.cli import main
 from encdec_adapt.data import input_pipeline
 from encdec_adapt.data.jsonl_inputs import JsonlInputs
 from encdec_adapt.models import decoding
@@ -16,7 +17,6 @@ from encdec_adapt.nn.config import EncoderDecoderConfig, load_preset
 from encdec_adapt.nn.encdec import EncoderDecoder
 from encdec_adapt.nn.transformer import DecoderOnly
 from encdec_adapt.parallel import sharding
-from encdec_adapt.runtime import train
 from encdec_adapt.runtime.infer import infer
 from encdec_adapt.storage import params_io
 
@@ -405,7 +405,7 @@ def cli(capsys, tmp_path, *extra):
         f"--gin.OUTPUT={tmp_path}/out.jsonl",
         *extra,
     ]
-    code = train.run_command("infer", argv)
+    code = main.main(["infer", *argv])
     return code, capsys.readouterr().err
 
 
@@ -425,7 +425,7 @@ def test_cli_bad_decoding_option(tmp_path, capsys, clean_gin, binding, message):
     write_jsonl(tmp_path / "in.jsonl")
     code, err = cli(capsys, tmp_path, f"--gin.{binding}")
     assert code == 2
-    assert f"bad configuration: Invalid DecodeConfig: {message}" in err
+    assert f"encdec-adapt infer: Invalid DecodeConfig: {message}" in err
     assert "set at --gin:" in err and binding.split("=")[0] in err
     assert not (tmp_path / "out.jsonl").exists()
 
@@ -441,7 +441,7 @@ def test_cli_unknown_decoding_option_and_bad_file(tmp_path, capsys, clean_gin):
     gin.clear_config()
     argv = [ENCDEC_GIN, f"--gin_file={bad}", "--gin.MODEL_DIR=None"]
     argv += [f"--gin.INPUT_FILE={tmp_path}/in.jsonl", f"--gin.OUTPUT={tmp_path}/out.jsonl"]
-    code = train.run_command("infer", argv)
+    code = main.main(["infer", *argv])
     err = capsys.readouterr().err
     assert code == 2 and f"set at {bad}:3: DecodeConfig.beam_size = -1" in err
 

@@ -17,9 +17,9 @@ def test_model_api_imports_without_tensorflow_or_torch():
 
 
 def test_every_command_resolves():
-    for name, (module, function, summary) in main.COMMANDS.items():
-        assert callable(getattr(importlib.import_module(module), function)), name
-        assert summary
+    for name, command in main.COMMANDS.items():
+        assert callable(getattr(importlib.import_module(command.module), command.function)), name
+        assert command.summary
 
 
 def test_usage_and_unknown_command(capsys):

@@ -206,7 +206,7 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
 
     import gin
 
-    from encdec_adapt.runtime import train
+    from encdec_adapt.cli import main
 
     task_gin = tmp_path / "task.gin"
     task_gin.write_text("import tiny_seqio_task\n")
@@ -218,9 +218,9 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
     ]
     gin.clear_config()
     try:
-        code = train.run_command(
-            "eval",
+        code = main.main(
             [
+                "eval",
                 *common,
                 "--gin_file=runs/eval.gin",
                 "--gin.EVAL_TASK=tiny_synthetic_lm",
@@ -233,9 +233,9 @@ def test_eval_and_infer_read_a_training_checkpoint(reference, tmp_path, capsys):
         assert len(evals) == 1 and np.isfinite(evals[0]["loss"]) and evals[0]["tokens"] > 0
         gin.clear_config()
         scores = tmp_path / "scores.jsonl"
-        code = train.run_command(
-            "infer",
+        code = main.main(
             [
+                "infer",
                 *common,
                 "--gin_file=runs/infer.gin",
                 "--gin.INFER_TASK=tiny_synthetic_lm",

@@ -1,25 +1,28 @@
-"""The `import-hf` and `export-hf` commands."""
+"""The `import-hf`, `import-gemma` and `export-hf` commands.
+
+Errors (a missing or malformed input, an existing output, a checkpoint that does not fit) are
+errors.EncdecError: the dispatcher exits 2 with the message.
+"""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
 import jax
 import numpy as np
 from flax import nnx
 
+from encdec_adapt.cli import args as args_lib
 from encdec_adapt.convert import gemma
 from encdec_adapt.convert.hf import DECODER_ONLY, abstract_shapes, export_hf, import_hf
+from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import load_preset
 from encdec_adapt.nn.transformer import DecoderOnly
 from encdec_adapt.storage import params_io
-from encdec_adapt.storage.params_io import CheckpointError
 
 
-def _parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"encdec-adapt {prog}", description=description)
+def _parser(prog: str, description: str) -> args_lib.ArgumentParser:
+    p = args_lib.parser(prog, description)
     p.add_argument("--input", required=True)
     p.add_argument("--output", required=True)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
@@ -27,13 +30,9 @@ def _parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def _convert(command: str, description: str, convert, argv: list[str]) -> int:
-    """Parses --input/--output/--overwrite, runs `convert`, reports one line; exit 0 or 1."""
+    """Parses --input/--output/--overwrite, runs `convert`, reports one line."""
     args = _parser(command, description).parse_args(argv)
-    try:
-        what = convert(args.input, args.output, overwrite=args.overwrite)
-    except CheckpointError as e:
-        print(f"{command}: error: {e}", file=sys.stderr)
-        return 1
+    what = convert(args.input, args.output, overwrite=args.overwrite)
     print(f"{command}: wrote {what} to {args.output}")
     return 0
 
@@ -73,20 +72,16 @@ def import_gemma_main(argv: list[str]) -> int:
         "carry 256128 rows, HF and the presets 256000 ('slice' drops the extra rows)",
     )
     args = p.parse_args(argv)
-    try:
-        if os.path.exists(args.output) and not args.overwrite:
-            raise CheckpointError(f"{args.output} already exists (pass --overwrite to replace it)")
-        cfg = load_preset(args.preset)
-        tree = gemma.read_gemma_library(args.input)
-        params = gemma.from_gemma_library(tree, cfg, vocab_rows=args.vocab_rows, source=args.input)
-        shapes = abstract_shapes(lambda: DecoderOnly(cfg, rngs=nnx.Rngs(0)))
-        expected = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()}
-        params_io.check_compatible(
-            params_io.unflatten(expected), params, f"{args.input} (preset {args.preset})"
-        )
-        params_io.save(args.output, params, DECODER_ONLY, cfg.to_dict(), overwrite=args.overwrite)
-    except (CheckpointError, FileNotFoundError) as e:
-        print(f"import-gemma: error: {e}", file=sys.stderr)
-        return 1
+    if os.path.exists(args.output) and not args.overwrite:
+        raise CheckpointError(f"{args.output} already exists (pass --overwrite to replace it)")
+    cfg = load_preset(args.preset)
+    tree = gemma.read_gemma_library(args.input)
+    params = gemma.from_gemma_library(tree, cfg, vocab_rows=args.vocab_rows, source=args.input)
+    shapes = abstract_shapes(lambda: DecoderOnly(cfg, rngs=nnx.Rngs(0)))
+    expected = {k: jax.ShapeDtypeStruct(v, np.float32) for k, v in shapes.items()}
+    params_io.check_compatible(
+        params_io.unflatten(expected), params, f"{args.input} (preset {args.preset})"
+    )
+    params_io.save(args.output, params, DECODER_ONLY, cfg.to_dict(), overwrite=args.overwrite)
     print(f"import-gemma: wrote {DECODER_ONLY} checkpoint to {args.output}")
     return 0

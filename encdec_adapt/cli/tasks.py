@@ -7,10 +7,11 @@ encdec-adapt tasks --show stdlib_code_search --lengths query=64,positive=256
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
-import sys
+
+from encdec_adapt.cli import args as args_lib
+from encdec_adapt.errors import InputError
 
 DEFAULT_LENGTHS = "inputs=512,targets=128,query=64,positive=256,negatives=256"
 
@@ -20,7 +21,7 @@ def _parse_lengths(text: str) -> dict[str, int]:
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
         if not sep or not value.strip().isdigit():
-            raise SystemExit(f"--lengths: expected FEATURE=INT[,...], got {item!r}")
+            raise InputError(f"--lengths: expected FEATURE=INT[,...], got {item!r}")
         out[key.strip()] = int(value)
     return out
 
@@ -54,7 +55,7 @@ def _show(name: str, num: int, split: str, seed: int, lengths: dict[str, int]) -
 
 
 def tasks_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="encdec-adapt tasks", description=__doc__.split("\n")[0])
+    parser = args_lib.parser("tasks", __doc__.split("\n")[0])
     parser.add_argument("--show", metavar="NAME", help="print preprocessed examples of NAME")
     parser.add_argument("-n", "--num", type=int, default=2, help="examples to show")
     parser.add_argument("--split", default="validation")
@@ -68,21 +69,20 @@ def tasks_main(argv: list[str]) -> int:
     )
     parser.add_argument("--data-dir", help="embedded corpus TFDS dir ($ENCDEC_ADAPT_TFDS_DIR)")
     args = parser.parse_args(argv)
+    lengths = _parse_lengths(args.lengths)
     if args.data_dir:
         os.environ["ENCDEC_ADAPT_TFDS_DIR"] = args.data_dir
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
     import encdec_adapt.tasks  # noqa: F401  (registers the default tasks)
     from encdec_adapt.data import registry
 
     for module in args.module:
-        importlib.import_module(module)
-    if args.show:
         try:
-            _show(args.show, args.num, args.split, args.seed, _parse_lengths(args.lengths))
-        except registry.UnknownTaskError as e:
-            print(f"encdec-adapt tasks: {e}", file=sys.stderr)
-            return 2
+            importlib.import_module(module)
+        except ImportError as e:
+            raise InputError(f"--module {module}: cannot import it ({e})") from e
+    if args.show:
+        _show(args.show, args.num, args.split, args.seed, lengths)
         return 0
     tasks, mixtures = registry.registered()
     print(f"tasks ({len(tasks)}):")

@@ -13,8 +13,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import AttentionType, GemmaConfig
-from encdec_adapt.storage.params_io import CheckpointError, unflatten
+from encdec_adapt.storage.params_io import unflatten
 
 
 class UnsupportedArchitecture(CheckpointError):

@@ -14,10 +14,10 @@ import jax
 from flax import nnx
 
 from encdec_adapt.convert import gemma, hf_files, t5gemma
+from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import GemmaConfig
 from encdec_adapt.nn.transformer import DecoderOnly
 from encdec_adapt.storage import params_io
-from encdec_adapt.storage.params_io import CheckpointError
 
 DECODER_ONLY = "decoder_only"
 

@@ -10,7 +10,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetens
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from encdec_adapt.storage.params_io import CheckpointError
+from encdec_adapt.errors import CheckpointError
 
 CONFIG_JSON = "config.json"
 SINGLE_FILE = "model.safetensors"

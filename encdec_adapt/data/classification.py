@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import text
+from encdec_adapt.errors import ConfigError
 
 SEPARATOR = " | code: "
 NEGATIVES = ("hard", "other")
@@ -53,7 +54,7 @@ def code_match(
     negative: "hard" (the first hard negative) or "other" (another example's function).
     """
     if negative not in NEGATIVES:
-        raise ValueError(f"code_match: negative={negative!r}; choose from {NEGATIVES}")
+        raise ConfigError(f"code_match: negative={negative!r}; choose from {NEGATIVES}")
     counters = counters or counters_lib.COUNTERS
     ds = ds.map(
         lambda ex: {k: ex[k] for k in (query_key, positive_key, negatives_key)},

@@ -33,6 +33,7 @@ import tensorflow as tf
 
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import text, vocab
+from encdec_adapt.errors import ConfigError
 
 POLICIES = ("truncate", "drop")
 
@@ -45,7 +46,7 @@ def apply_length_policy(
 ) -> tf.data.Dataset:
     """Truncates or drops features longer than `lengths` (last axis), counting what was cut."""
     if policy not in POLICIES:
-        raise ValueError(f"length policy must be one of {POLICIES}, got {policy!r}")
+        raise ConfigError(f"length policy must be one of {POLICIES}, got {policy!r}")
     counters = counters or counters_lib.COUNTERS
     names = sorted(lengths)
 
@@ -90,7 +91,7 @@ class EncDecConverter(seqio.EncDecFeatureConverter):
         **kwargs,
     ):
         if teacher and pack:
-            raise ValueError("EncDecConverter(teacher=True) needs pack=False (one example a row)")
+            raise ConfigError("EncDecConverter(teacher=True) needs pack=False (one example a row)")
         if teacher:
             spec = seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)
             kwargs["passthrough_features"] = {k: spec for k in TEACHER_FEATURES}
@@ -103,7 +104,7 @@ class EncDecConverter(seqio.EncDecFeatureConverter):
         if self.teacher:
             missing = {"full", "split"} - set(ds.element_spec)
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"EncDecConverter(teacher=True) needs the PrefixLM full-sequence features "
                     f"{sorted(missing)} (prefix_lm(full_sequence=True)); the task gives "
                     f"{sorted(ds.element_spec)}"
@@ -132,7 +133,7 @@ def _select(ds: tf.data.Dataset, names) -> tf.data.Dataset:
     """Only the features a converter uses (seqio would drop the rest with a warning per call)."""
     missing = set(names) - set(ds.element_spec)
     if missing:
-        raise ValueError(f"the task gives {sorted(ds.element_spec)}, not {sorted(missing)}")
+        raise ConfigError(f"the task gives {sorted(ds.element_spec)}, not {sorted(missing)}")
     return ds.map(lambda ex: {k: ex[k] for k in names}, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -175,7 +176,7 @@ class DualEncoderConverter:
     def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
         for name in ("query", "positive"):
             if name not in task_feature_lengths:
-                raise ValueError(
+                raise ConfigError(
                     f"DualEncoderConverter needs task_feature_lengths[{name!r}]; "
                     f"got {dict(task_feature_lengths)}"
                 )
@@ -227,13 +228,13 @@ class ClassificationConverter:
 
     def __call__(self, ds: tf.data.Dataset, task_feature_lengths: Mapping[str, int]):
         if "inputs" not in task_feature_lengths:
-            raise ValueError(
+            raise ConfigError(
                 f"ClassificationConverter needs task_feature_lengths['inputs']; "
                 f"got {dict(task_feature_lengths)}"
             )
         missing = {"inputs", "label"} - set(ds.element_spec)
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"ClassificationConverter needs the task features 'inputs' and 'label'; the task "
                 f"gives {sorted(ds.element_spec)}"
             )

@@ -14,6 +14,8 @@ import re
 
 import tensorflow as tf
 
+from encdec_adapt.errors import ConfigError
+
 # Applied in order, each a global non-overlapping left-to-right replacement with the same
 # semantics in Python's `re` and RE2 (tf.strings.regex_replace).
 _RULES = (
@@ -78,5 +80,5 @@ def text_transform(name: str | None):
     if name is None:
         return None
     if name not in TEXT_TRANSFORMS:
-        raise ValueError(f"unknown text transform {name!r}; known: {sorted(TEXT_TRANSFORMS)}")
+        raise ConfigError(f"unknown text transform {name!r}; known: {sorted(TEXT_TRANSFORMS)}")
     return TEXT_TRANSFORMS[name]

@@ -13,12 +13,14 @@ sizes this project trains on; tf.data iterator checkpointing would avoid it and 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from collections.abc import Iterator
 
 import gin
 import jax
 import numpy as np
+
+from encdec_adapt import errors
+from encdec_adapt.errors import ConfigError
 
 Batch = dict[str, np.ndarray]
 FEATURE_CONVERTERS = (
@@ -31,29 +33,22 @@ FEATURE_CONVERTERS = (
 )
 
 
-class UnknownTaskError(ValueError):
-    """A seqio task or mixture name that is not registered; the message lists close names."""
+UnknownTaskError = errors.UnknownTaskError
 
 
 def check_task_name(name: str) -> None:
     """Raises UnknownTaskError naming close matches when `name` is not a registered task."""
     import seqio
 
-    names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
-    if name in names:
-        return
-    close = difflib.get_close_matches(name, names, n=5, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise UnknownTaskError(
-        f"Unknown seqio task or mixture {name!r} ({len(names)} registered; is the module that "
-        f"registers it imported in the gin file?).{hint}"
-    )
+    tasks, mixtures = seqio.TaskRegistry.names(), seqio.MixtureRegistry.names()
+    if name not in tasks and name not in mixtures:
+        raise UnknownTaskError(name, tasks, mixtures)
 
 
 def _local_rows(batch_size: int) -> slice:
     n, i = jax.process_count(), jax.process_index()
     if batch_size % n:
-        raise ValueError(f"global batch size {batch_size} is not divisible by {n} processes")
+        raise ConfigError(f"global batch size {batch_size} is not divisible by {n} processes")
     per = batch_size // n
     return slice(i * per, (i + 1) * per)
 
@@ -148,7 +143,7 @@ class DataConfig:
 
     def __post_init__(self):
         if self.task is gin.REQUIRED:
-            raise ValueError(
+            raise ConfigError(
                 "Missing required value: DataConfig.task=%gin.REQUIRED (set the macro that feeds "
                 "it, e.g. --gin.TRAIN_TASK=my_task)"
             )
@@ -172,7 +167,7 @@ class DataConfig:
         if self.one_task_per_batch and not self.repeat:
             problems.append("one_task_per_batch=True needs repeat=True (tasks run out unevenly)")
         if problems:
-            raise ValueError("Invalid DataConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid DataConfig: " + "; ".join(problems))
 
     def converter(self):
         import seqio
@@ -286,13 +281,13 @@ def _mixture_rates(name: str) -> tuple[list[str], np.ndarray]:
 
     provider = seqio.get_mixture_or_task(name)
     if not isinstance(provider, seqio.Mixture):
-        raise ValueError(
+        raise ConfigError(
             f"Invalid DataConfig: one_task_per_batch=True needs a mixture; {name!r} is a task"
         )
     tasks = provider.tasks
     rates = np.asarray([float(provider.get_rate(t)) for t in tasks])
     if not np.all(rates >= 0) or rates.sum() <= 0:
-        raise ValueError(f"mixture {name!r} has rates {rates.tolist()}: need >= 0, not all 0")
+        raise ConfigError(f"mixture {name!r} has rates {rates.tolist()}: need >= 0, not all 0")
     return [t.name for t in tasks], rates / rates.sum()
 
 

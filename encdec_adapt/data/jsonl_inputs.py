@@ -33,12 +33,13 @@ from collections.abc import Iterator
 import gin
 import numpy as np
 
+from encdec_adapt.errors import ConfigError, InputError
+
 KINDS = ("encdec", "decoder")
 
 
-class JsonlInputError(ValueError):
-    """Bad JSONL input; the message names the file and line (starts with "Invalid" so that the
-    CLI reports it as a configuration error, exit code 2)."""
+class JsonlInputError(InputError):
+    """Bad JSONL input; the message names the file and line (the CLI exits 2 with it)."""
 
 
 @gin.configurable(module="encdec_adapt")
@@ -77,7 +78,7 @@ class JsonlInputs:
 
     def __post_init__(self):
         if self.path is gin.REQUIRED:
-            raise ValueError(
+            raise ConfigError(
                 "Missing required value: JsonlInputs.path=%gin.REQUIRED (set the macro that "
                 "feeds it, e.g. --gin.INPUT_FILE=/path/inputs.jsonl)"
             )
@@ -105,7 +106,7 @@ class JsonlInputs:
         if self.vocabulary is not None and not os.path.isfile(str(self.vocabulary)):
             problems.append(f"vocabulary={self.vocabulary!r}: no such SentencePiece model file")
         if problems:
-            raise ValueError("Invalid JsonlInputs: " + "; ".join(problems))
+            raise ConfigError("Invalid JsonlInputs: " + "; ".join(problems))
 
     def vocabularies(self) -> dict:
         """{"inputs": vocabulary, "targets": vocabulary} (seqio vocabularies)."""

@@ -12,13 +12,13 @@ A source is a `seqio.DataSource`, the name of an embedded dataset (`stdlib_prose
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections.abc import Mapping, Sequence
 
 import seqio
 import tensorflow as tf
 
+from encdec_adapt import errors
 from encdec_adapt.data import contrastive, corpus, prefix_lm, span_corruption, text, ul2
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import vocab as vocab_lib
@@ -27,8 +27,7 @@ from encdec_adapt.evaluation import retrieval_metrics
 OBJECTIVES = ("span_corruption", "prefix_lm", "prefix_lm_full", "ul2")
 
 
-class UnknownTaskError(ValueError):
-    """An unknown task / mixture name; the message lists the closest registered names."""
+UnknownTaskError = errors.UnknownTaskError  # an unknown name; lists the closest registered ones
 
 
 def vocabulary(path: str | None = None, extra_ids: int = 0) -> seqio.Vocabulary:
@@ -92,7 +91,7 @@ def register_pretraining_task(
     span_corruption, {"mode_token": "[S2S]"} for prefix_lm, {"config": UL2Config(...)} for ul2.
     """
     if objective not in OBJECTIVES:
-        raise ValueError(
+        raise errors.ConfigError(
             f"unknown objective {objective!r} for task {name!r}; use one of {OBJECTIVES}"
         )
     vocabulary = vocabulary or vocab_lib.embedded_vocabulary()
@@ -217,13 +216,7 @@ def get_task_or_mixture(name: str) -> seqio.Task | seqio.Mixture:
         return seqio.get_mixture_or_task(name)
     if name in tasks:
         return seqio.get_mixture_or_task(name)
-    close = difflib.get_close_matches(name, tasks + mixtures, n=5, cutoff=0.4)
-    hint = f"closest registered names: {', '.join(close)}" if close else "no similar names"
-    raise UnknownTaskError(
-        f"unknown task or mixture {name!r} ({hint}; {len(tasks)} tasks and {len(mixtures)} "
-        f"mixtures are registered: `encdec-adapt tasks` lists them; did you import "
-        f"encdec_adapt.tasks?)"
-    )
+    raise UnknownTaskError(name, tasks, mixtures)
 
 
 def get_dataset(

@@ -26,6 +26,7 @@ import tensorflow as tf
 
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import text
+from encdec_adapt.errors import ConfigError
 
 _AUTOTUNE = tf.data.AUTOTUNE
 
@@ -39,9 +40,9 @@ class SpanSpec:
 
     def __post_init__(self):
         if not 0.0 < self.noise_density < 1.0:
-            raise ValueError(f"noise_density must be in (0, 1), got {self.noise_density}")
+            raise ConfigError(f"noise_density must be in (0, 1), got {self.noise_density}")
         if self.mean_noise_span_length < 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"mean_noise_span_length must be >= 1, got {self.mean_noise_span_length}"
             )
 

@@ -26,6 +26,7 @@ import tensorflow as tf
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import prefix_lm as prefix_lm_lib
 from encdec_adapt.data import span_corruption as sc
+from encdec_adapt.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +66,10 @@ class UL2Config:
         if self.use_s_denoiser:
             specs.append(("S", s_mode, None))
         if not specs:
-            raise ValueError("UL2Config has no denoiser (empty r_spans, x_spans and no S)")
+            raise ConfigError("UL2Config has no denoiser (empty r_spans, x_spans and no S)")
         weights = self.weights or (1.0,) * len(specs)
         if len(weights) != len(specs) or min(weights) < 0 or sum(weights) <= 0:
-            raise ValueError(
+            raise ConfigError(
                 f"UL2Config.weights {self.weights} must be {len(specs)} non-negative numbers "
                 f"(one per denoiser: {[s[0] for s in specs]})"
             )

@@ -16,6 +16,8 @@ import tempfile
 
 import seqio
 
+from encdec_adapt.errors import MissingFileError
+
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 EMBEDDED_MODEL = os.path.join(ASSETS, "stdlib_spm_4000.model")
 EMBEDDED_PIECES = 4000
@@ -37,7 +39,7 @@ def _quiet_sentencepiece() -> None:
 def embedded_vocabulary() -> seqio.SentencePieceVocabulary:
     """The committed 4096-id vocabulary of the embedded corpus."""
     if not os.path.exists(EMBEDDED_MODEL):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{EMBEDDED_MODEL} is missing: run `python scripts/build_tokenizer.py` to rebuild it"
         )
     _quiet_sentencepiece()
@@ -47,7 +49,7 @@ def embedded_vocabulary() -> seqio.SentencePieceVocabulary:
 def sentencepiece_vocabulary(path: str, extra_ids: int = 0) -> seqio.SentencePieceVocabulary:
     """A user SentencePiece model, e.g. Gemma's `tokenizer.model` (its own extra ids: 0)."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"SentencePiece model not found: {path}")
+        raise MissingFileError(f"SentencePiece model not found: {path}")
     return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
 
 

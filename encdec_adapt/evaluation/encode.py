@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from encdec_adapt.errors import ConfigError
 from encdec_adapt.nn.dual_encoder import DualEncoder
 
 
@@ -65,7 +66,7 @@ class TextEncoder:
         text_transform: Callable[[str], str] | None = None,
     ):
         if not isinstance(max_length, int) or max_length < 2:
-            raise ValueError(f"TextEncoder: max_length={max_length!r} must be an int >= 2")
+            raise ConfigError(f"TextEncoder: max_length={max_length!r} must be an int >= 2")
         self.model, self.vocabulary = model, vocabulary
         self.text_transform = text_transform
         self.max_length, self.batch_size, self.eos_id = max_length, batch_size, eos_id
@@ -123,13 +124,13 @@ class TextEncoder:
         if isinstance(texts, str):
             raise TypeError("encode expects a sequence of strings, not one string")
         if side not in ("query", "document"):
-            raise ValueError(f"encode: side={side!r}; choose 'query' or 'document'")
+            raise ConfigError(f"encode: side={side!r}; choose 'query' or 'document'")
         dim = self.model.config.embedding_dim
         if truncate_dim is not None and not 0 < truncate_dim <= dim:
-            raise ValueError(f"truncate_dim={truncate_dim} must be in [1, {dim}]")
+            raise ConfigError(f"truncate_dim={truncate_dim} must be in [1, {dim}]")
         length = max_length or self.max_length
         if not isinstance(length, int) or length < 2:
-            raise ValueError(f"encode: max_length={length!r} must be an int >= 2")
+            raise ConfigError(f"encode: max_length={length!r} must be an int >= 2")
         bs = batch_size or self.batch_size
         last = EncodeStats()
         rows = []

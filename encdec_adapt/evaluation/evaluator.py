@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from encdec_adapt.data import input_pipeline
+from encdec_adapt.errors import ConfigError, InputError
 from encdec_adapt.models.generative import summarize
 from encdec_adapt.parallel import sharding
 
@@ -43,7 +44,7 @@ def loss_metrics(trainer, params, data_cfg, num_batches: int | None) -> dict[str
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
-        raise ValueError(f"evaluation data {data_cfg} yielded no batches")
+        raise InputError(f"evaluation data {data_cfg} yielded no batches")
     return summarize(totals)
 
 
@@ -315,7 +316,7 @@ def embed_batches(trainer, params, data_cfg, num_batches: int | None = None) -> 
             break
         missing = [k for k in EMBED_FEATURES if k not in local]
         if missing:
-            raise ValueError(
+            raise ConfigError(
                 f"retrieval evaluation of {type(trainer.model).__name__} needs the features "
                 f"{EMBED_FEATURES} (feature_converter='dual_encoder'); batch {i} of "
                 f"{data_cfg} has {sorted(local)}"
@@ -329,7 +330,7 @@ def embed_batches(trainer, params, data_cfg, num_batches: int | None = None) -> 
         documents.append(to_host(d)[rows])
         tokens.append(to_host(batch["positive_tokens"])[rows])
     if not queries:
-        raise ValueError(f"evaluation data {data_cfg} yielded no batches")
+        raise InputError(f"evaluation data {data_cfg} yielded no batches")
     return EmbeddedRows(*(np.concatenate(x) for x in (queries, documents, tokens)))
 
 
@@ -352,7 +353,7 @@ def embedding_task_metrics(
     """
     if task.score_metric_fns:
         names = [getattr(fn, "__name__", repr(fn)) for fn in task.score_metric_fns]
-        raise ValueError(
+        raise ConfigError(
             f"task {task.name!r} has score metric functions {names}: an embedding model "
             f"({type(trainer.model).__name__}) gives embeddings, not target scores; register "
             "the task with (targets, predictions) metric functions such as retrieval_metric_fn"

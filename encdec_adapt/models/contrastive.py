@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from encdec_adapt.errors import ConfigError
+
 _NEG = -1.0e9
 
 
@@ -63,12 +65,12 @@ class ContrastiveConfig:
     def __post_init__(self):
         n = 1 + len(self.matryoshka_dims)
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"ContrastiveConfig.matryoshka_weights has {len(self.matryoshka_weights)} "
                 f"entries, expected {n} (full width + matryoshka_dims {self.matryoshka_dims})"
             )
         if self.temperature <= 0:
-            raise ValueError(f"ContrastiveConfig.temperature={self.temperature} must be > 0")
+            raise ConfigError(f"ContrastiveConfig.temperature={self.temperature} must be > 0")
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

@@ -21,6 +21,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from encdec_adapt.errors import ConfigError
+
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 NEG_INF = -1.0e7  # finite, so that inf - inf never appears in beam bookkeeping
 
@@ -69,7 +71,7 @@ class DecodeConfig:
                     f"{name}={value!r} (must be {'an int' if kind is int else 'a number'})"
                 )
         if problems:  # the range checks below need numbers
-            raise ValueError("Invalid DecodeConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid DecodeConfig: " + "; ".join(problems))
         if self.method not in METHODS:
             problems.append(f"method={self.method!r} (choose from {METHODS})")
         if self.max_decode_len < 1:
@@ -83,7 +85,7 @@ class DecodeConfig:
         if self.beam_size < 1:
             problems.append(f"beam_size={self.beam_size} (must be >= 1)")
         if problems:
-            raise ValueError("Invalid DecodeConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid DecodeConfig: " + "; ".join(problems))
 
 
 class Decoded(NamedTuple):

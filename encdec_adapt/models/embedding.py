@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from encdec_adapt.errors import ConfigError
 from encdec_adapt.models.contrastive import (
     ContrastiveConfig,
     contrastive_loss,
@@ -109,18 +110,18 @@ class DualEncoderModel(BaseModel):
 
     def __post_init__(self):
         if not isinstance(self.config, DualEncoderConfig):
-            raise ValueError(
+            raise ConfigError(
                 f"DualEncoderModel.config must be a DualEncoderConfig (e.g. "
                 f"@DualEncoderConfig() with DualEncoderConfig.tower = %MODEL_CONFIG), got "
                 f"{self.config!r}"
             )
         if not isinstance(self.loss, ContrastiveConfig):
-            raise ValueError(
+            raise ConfigError(
                 f"DualEncoderModel.loss must be a ContrastiveConfig, got {self.loss!r}"
             )
         chunk = self.grad_cache_chunk
         if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 0:
-            raise ValueError(f"DualEncoderModel.grad_cache_chunk={chunk!r} must be an int >= 0")
+            raise ConfigError(f"DualEncoderModel.grad_cache_chunk={chunk!r} must be an int >= 0")
 
     def build(self, rngs: nnx.Rngs) -> DualEncoder:
         return DualEncoder(self.config, rngs=rngs)
@@ -244,7 +245,7 @@ class DualEncoderModel(BaseModel):
         feats = {k: v for k, v in batch.items() if k in self.features}
         rows = feats["query_tokens"].shape[0]
         if rows % chunk:
-            raise ValueError(
+            raise ConfigError(
                 f"DualEncoderModel.grad_cache_chunk={chunk} does not divide the batch of {rows} "
                 f"rows"
             )
@@ -337,13 +338,13 @@ class ClassifierModel(BaseModel):
 
     def __post_init__(self):
         if not isinstance(self.config, ClassifierConfig):
-            raise ValueError(
+            raise ConfigError(
                 f"ClassifierModel.config must be a ClassifierConfig (e.g. @ClassifierConfig() "
                 f"with ClassifierConfig.encoder = %MODEL_CONFIG), got {self.config!r}"
             )
         ls = self.label_smoothing
         if not isinstance(ls, int | float) or isinstance(ls, bool) or not 0.0 <= ls < 1.0:
-            raise ValueError(f"ClassifierModel.label_smoothing={ls!r} must be a number in [0, 1)")
+            raise ConfigError(f"ClassifierModel.label_smoothing={ls!r} must be a number in [0, 1)")
 
     def build(self, rngs: nnx.Rngs) -> Classifier:
         return Classifier(self.config, rngs=rngs)

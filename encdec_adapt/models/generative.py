@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from encdec_adapt.errors import ConfigError
 from encdec_adapt.models import decoding, losses
 from encdec_adapt.nn.config import GemmaConfig
 from encdec_adapt.nn.transformer import DecoderOnly, apply_scan
@@ -166,7 +167,7 @@ class BaseModel(abc.ABC):
 
 def _check_number(owner: str, name: str, value: Any, low: float, high: float) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool) or not low <= value < high:
-        raise ValueError(f"{owner}.{name}={value!r} must be a number in [{low}, {high})")
+        raise ConfigError(f"{owner}.{name}={value!r} must be a number in [{low}, {high})")
 
 
 REMAT_POLICIES = {
@@ -205,7 +206,7 @@ def apply_remat(module: nnx.Module, policy_name: str) -> nnx.Module:
     from encdec_adapt.nn.transformer import Block
 
     if policy_name not in REMAT_POLICIES:
-        raise ValueError(f"remat={policy_name!r} (expected one of {sorted(REMAT_POLICIES)})")
+        raise ConfigError(f"remat={policy_name!r} (expected one of {sorted(REMAT_POLICIES)})")
     if policy_name == "none":
         return module
     for _, node in nnx.iter_graph(module):
@@ -245,14 +246,14 @@ class DecoderOnlyModel(BaseModel):
 
     def __post_init__(self):
         if not isinstance(self.config, GemmaConfig):
-            raise ValueError(
+            raise ConfigError(
                 f"DecoderOnlyModel.config must be a GemmaConfig (e.g. %MODEL_CONFIG from a "
                 f"models/ file), got {self.config!r}"
             )
         _check_number("DecoderOnlyModel", "z_loss", self.z_loss, 0.0, float("inf"))
         _check_number("DecoderOnlyModel", "label_smoothing", self.label_smoothing, 0.0, 1.0)
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"DecoderOnlyModel.remat={self.remat!r} must be one of {sorted(REMAT_POLICIES)}"
             )
 
@@ -324,14 +325,14 @@ class EncoderDecoderModel(BaseModel):
         from encdec_adapt.nn.config import EncoderDecoderConfig
 
         if not isinstance(self.config, EncoderDecoderConfig):
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderDecoderModel.config must be an EncoderDecoderConfig (e.g. %MODEL_CONFIG "
                 f"from models/t5gemma_*.gin), got {type(self.config).__name__}"
             )
         _check_number("EncoderDecoderModel", "z_loss", self.z_loss, 0.0, float("inf"))
         _check_number("EncoderDecoderModel", "label_smoothing", self.label_smoothing, 0.0, 1.0)
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(
+            raise ConfigError(
                 f"EncoderDecoderModel.remat={self.remat!r} must be one of {sorted(REMAT_POLICIES)}"
             )
 
@@ -420,16 +421,16 @@ class DistillationModel(BaseModel):
 
     def __post_init__(self):
         if not isinstance(self.student, EncoderDecoderModel):
-            raise ValueError(
+            raise ConfigError(
                 f"DistillationModel.student must be an EncoderDecoderModel, got {self.student!r}"
             )
         if not isinstance(self.teacher, DecoderOnlyModel):
-            raise ValueError(
+            raise ConfigError(
                 f"DistillationModel.teacher must be a DecoderOnlyModel, got {self.teacher!r}"
             )
         sv, tv = self.student.config.decoder.vocab_size, self.teacher.config.vocab_size
         if sv != tv:
-            raise ValueError(f"student vocab_size {sv} != teacher vocab_size {tv}")
+            raise ConfigError(f"student vocab_size {sv} != teacher vocab_size {tv}")
         _check_number("DistillationModel", "kd_weight", self.kd_weight, 0.0, 1.0 + 1e-9)
         _check_number("DistillationModel", "temperature", self.temperature, 1e-6, float("inf"))
 

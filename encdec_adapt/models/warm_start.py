@@ -17,11 +17,9 @@ The encoder's subtree has the layout of a `DecoderOnly` tree, so an encoder warm
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import re
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +30,9 @@ import numpy as np
 import optax
 from flax import nnx
 
-from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig, load_encdec_preset
-from encdec_adapt.nn.encdec import MODEL_TYPE, EncoderDecoder
+from encdec_adapt.errors import ConfigError
+from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
 from encdec_adapt.nn.transformer import DecoderOnly, make_attention
 from encdec_adapt.storage import params_io
 from encdec_adapt.storage.params_io import CheckpointError
@@ -149,9 +148,9 @@ def warm_start(
         same_width = cfg.encoder.embed_dim == cfg.decoder.embed_dim
         cross_attention = "copy" if balanced_source and same_width else "random"
     if cross_attention not in ("copy", "random"):
-        raise ValueError(f"cross_attention={cross_attention!r}: expected auto, copy or random")
+        raise ConfigError(f"cross_attention={cross_attention!r}: expected auto, copy or random")
     if cross_attention == "copy" and cfg.encoder.embed_dim != cfg.decoder.embed_dim:
-        raise ValueError(
+        raise ConfigError(
             f"cross_attention='copy' needs equal widths, got encoder {cfg.encoder.embed_dim} and "
             f"decoder {cfg.decoder.embed_dim}: use 'random' for unbalanced pairs"
         )
@@ -222,7 +221,7 @@ class WarmStart:
         same = self.decoder_checkpoint in (None, self.encoder_checkpoint) and cfg.balanced
         separate = not same and self.decoder_checkpoint is not None
         if not same and not separate:
-            raise ValueError(
+            raise ConfigError(
                 "WarmStart: an unbalanced EncoderDecoderConfig needs a decoder_checkpoint "
                 f"(encoder width {cfg.encoder.embed_dim}, decoder width {cfg.decoder.embed_dim})"
             )
@@ -262,9 +261,11 @@ def trainable_mask(
         try:
             compiled[p] = re.compile(p)
         except re.error as e:
-            raise ValueError(f"freezing regex {p!r} is invalid: {e}") from e
+            raise ConfigError(f"freezing regex {p!r} is invalid: {e}") from e
         if not any(compiled[p].search(name) for name in flat):
-            raise ValueError(f"freezing regex {p!r} matches no parameter (e.g. {next(iter(flat))})")
+            raise ConfigError(
+                f"freezing regex {p!r} matches no parameter (e.g. {next(iter(flat))})"
+            )
 
     def trainable(name: str) -> bool:
         if train_only is not None and not any(compiled[p].search(name) for p in train_only):
@@ -317,41 +318,3 @@ def frozen_fraction(mask: PyTree, params: PyTree) -> float:
     leaves = jax.tree.leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
     total = sum(n for n, _ in leaves)
     return sum(n for n, t in leaves if not t) / max(total, 1)
-
-
-# ---- command line --------------------------------------------------------------------------------
-
-
-def adapt_main(argv: list[str]) -> int:
-    """`encdec-adapt adapt`: decoder-only params checkpoint(s) -> encoder-decoder checkpoint."""
-    p = argparse.ArgumentParser(
-        prog="encdec-adapt adapt",
-        description="Warm-start a T5Gemma-style encoder-decoder from decoder-only params "
-        "checkpoints (import-hf output) and write it as a params checkpoint, ready for "
-        "`train` (warm_start_from) or `export-hf`.",
-    )
-    p.add_argument("--preset", required=True, help="models/ preset, e.g. t5gemma_2b_2b")
-    p.add_argument("--encoder", required=True, help="decoder-only checkpoint for the encoder")
-    p.add_argument("--decoder", help="decoder-only checkpoint for the decoder (default: --encoder)")
-    p.add_argument("--output", required=True)
-    p.add_argument("--cross_attention", choices=["auto", "copy", "random"], default="auto")
-    p.add_argument("--zero_cross_output", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = p.parse_args(argv)
-    try:
-        params_io.check_writable(args.output, args.overwrite)
-        cfg = load_encdec_preset(args.preset)
-        params = WarmStart(
-            encoder_checkpoint=args.encoder,
-            decoder_checkpoint=args.decoder,
-            cross_attention=args.cross_attention,
-            zero_cross_output=args.zero_cross_output,
-            seed=args.seed,
-        )(cfg)
-        params_io.save(args.output, params, MODEL_TYPE, cfg.to_dict(), overwrite=args.overwrite)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
-        print(f"adapt: error: {e}", file=sys.stderr)
-        return 1
-    print(f"adapt: wrote {args.preset} encoder-decoder checkpoint to {args.output}")
-    return 0

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 import gin
 import jax.numpy as jnp
 
+from encdec_adapt.errors import ConfigError, MissingFileError
+
 
 class AttentionType(enum.StrEnum):
     GLOBAL = "global"
@@ -92,7 +94,7 @@ class GemmaConfig:
             except TypeError:
                 problems.append(f"{name}={getattr(self, name)!r} is not a dtype")
         if problems:
-            raise ValueError("Invalid GemmaConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid GemmaConfig: " + "; ".join(problems))
 
     @property
     def layer_types(self) -> tuple[AttentionType, ...]:
@@ -121,7 +123,7 @@ class GemmaConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown GemmaConfig fields: {unknown}")
+            raise ConfigError(f"Unknown GemmaConfig fields: {unknown}")
         return cls(**d)
 
 
@@ -144,7 +146,7 @@ def load_preset(name: str) -> GemmaConfig:
     `MODEL_CONFIG`, leaving the global gin config as it was."""
     path = name if name.endswith(".gin") else os.path.join(CONFIGS_DIR, "models", f"{name}.gin")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"No model preset {name!r}: {path} does not exist")
+        raise MissingFileError(f"No model preset {name!r}: {path} does not exist")
     with gin.config_scope(None), gin.unlock_config():
         saved = gin.config._CONFIG.copy()  # gin has no public snapshot API
         try:
@@ -186,7 +188,7 @@ class EncoderDecoderConfig:
     def __post_init__(self):
         for name in ("encoder", "decoder"):
             if not isinstance(getattr(self, name), GemmaConfig):
-                raise TypeError(
+                raise ConfigError(
                     f"EncoderDecoderConfig.{name} must be a GemmaConfig, "
                     f"got {type(getattr(self, name)).__name__}"
                 )
@@ -207,7 +209,7 @@ class EncoderDecoderConfig:
                 f"decoder {dec.embed_dim}"
             )
         if problems:
-            raise ValueError("Invalid EncoderDecoderConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid EncoderDecoderConfig: " + "; ".join(problems))
 
     @property
     def balanced(self) -> bool:
@@ -233,7 +235,7 @@ class EncoderDecoderConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"Unknown EncoderDecoderConfig fields: {unknown}")
+            raise ConfigError(f"Unknown EncoderDecoderConfig fields: {unknown}")
         d = dict(d)
         for name in ("encoder", "decoder"):
             if isinstance(d.get(name), dict):
@@ -267,7 +269,7 @@ class ClassifierConfig:
     def __post_init__(self):
         object.__setattr__(self, "pooling", Pooling(self.pooling))
         if self.num_classes < 1:
-            raise ValueError(f"Invalid ClassifierConfig: num_classes={self.num_classes} < 1")
+            raise ConfigError(f"Invalid ClassifierConfig: num_classes={self.num_classes} < 1")
 
     def to_dict(self) -> dict:
         return {
@@ -312,7 +314,7 @@ def load_encdec_preset(name: str) -> EncoderDecoderConfig:
     add_gin_search_path()
     cfg = load_preset(name)
     if not isinstance(cfg, EncoderDecoderConfig):
-        raise ValueError(
+        raise ConfigError(
             f"Preset {name!r} defines a {type(cfg).__name__}, not an EncoderDecoderConfig"
         )
     return cfg

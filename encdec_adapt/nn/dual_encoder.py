@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from encdec_adapt.errors import ConfigError
 from encdec_adapt.nn import layers
 from encdec_adapt.nn.classifier import encoder_source, pool
 from encdec_adapt.nn.config import GemmaConfig, Pooling
@@ -81,12 +82,12 @@ class DualEncoderConfig:
         try:
             object.__setattr__(self, "sharing", TowerSharing(self.sharing))
         except ValueError:
-            raise ValueError(
+            raise ConfigError(
                 f"DualEncoderConfig.sharing={self.sharing!r}; choose from "
                 f"{[str(s) for s in TowerSharing]}"
             ) from None
         if self.pooling not in POOLINGS:
-            raise ValueError(
+            raise ConfigError(
                 f"DualEncoderConfig.pooling={self.pooling!r} is not a pooling; choose from "
                 f"{list(POOLINGS)}"
             )

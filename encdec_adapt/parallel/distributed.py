@@ -17,6 +17,8 @@ import os
 
 import jax
 
+from encdec_adapt.errors import ConfigError
+
 ENV_ADDRESS = "ENCDEC_COORDINATOR_ADDRESS"
 ENV_NUM = "ENCDEC_NUM_PROCESSES"
 ENV_ID = "ENCDEC_PROCESS_ID"
@@ -47,7 +49,7 @@ def initialize(
         if v is None
     ]
     if missing:
-        raise ValueError(
+        raise ConfigError(
             f"multi-process run needs coordinator_address, num_processes and process_id; "
             f"missing {missing} (flags --coordinator_address/--num_processes/--process_id or "
             f"env {ENV_ADDRESS}/{ENV_NUM}/{ENV_ID})"

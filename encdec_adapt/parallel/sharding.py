@@ -22,6 +22,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from encdec_adapt.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # MaxText-style defaults: batch over data+fsdp, weights' embed axis over fsdp (ZeRO-3),
@@ -67,14 +69,14 @@ class MeshRules:
         devices = list(devices if devices is not None else jax.devices())
         shape = list(self.mesh_shape)
         if len(shape) != len(MESH_AXES):
-            raise ValueError(f"MeshRules.mesh_shape={self.mesh_shape} needs {len(MESH_AXES)} axes")
+            raise ConfigError(f"MeshRules.mesh_shape={self.mesh_shape} needs {len(MESH_AXES)} axes")
         if shape.count(-1) > 1:
-            raise ValueError(f"MeshRules.mesh_shape={self.mesh_shape} has more than one -1")
+            raise ConfigError(f"MeshRules.mesh_shape={self.mesh_shape} has more than one -1")
         if -1 in shape:
             known = math.prod(s for s in shape if s != -1)
             shape[shape.index(-1)] = len(devices) // known
         if math.prod(shape) != len(devices):
-            raise ValueError(
+            raise ConfigError(
                 f"MeshRules.mesh_shape={self.mesh_shape} needs {math.prod(shape)} devices, "
                 f"{len(devices)} are available"
             )

@@ -24,6 +24,8 @@ import gin
 import jax
 import orbax.checkpoint as ocp
 
+from encdec_adapt.errors import CheckpointError, ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -44,12 +46,12 @@ class CheckpointConfig:
 
     def __post_init__(self):
         if not isinstance(self.save_interval_steps, int) or self.save_interval_steps < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"CheckpointConfig.save_interval_steps={self.save_interval_steps!r} must be an "
                 "int >= 1"
             )
         if self.keep is not None and (not isinstance(self.keep, int) or self.keep < 1):
-            raise ValueError(f"CheckpointConfig.keep={self.keep!r} must be None or an int >= 1")
+            raise ConfigError(f"CheckpointConfig.keep={self.keep!r} must be None or an int >= 1")
 
 
 class Checkpointer:
@@ -114,7 +116,7 @@ class Checkpointer:
         so any optimizer configuration reads any training checkpoint."""
         steps = self.all_steps()
         if not steps:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise CheckpointError(f"no checkpoint in {self.directory}")
         step = steps[-1] if step is None else step
         item = {"params": abstract_params}
         restored = self.manager.restore(

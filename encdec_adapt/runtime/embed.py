@@ -33,6 +33,9 @@ import gin
 import numpy as np
 from flax import nnx
 
+# At import: its gin configurables cannot register once the config is locked (during embed).
+from encdec_adapt.data import input_pipeline
+from encdec_adapt.errors import CheckpointError, ConfigError, InputError, MissingFileError
 from encdec_adapt.evaluation.bm25 import evaluate_bm25
 from encdec_adapt.evaluation.encode import EncodeStats, TextEncoder
 from encdec_adapt.evaluation.retrieval_metrics import METRICS, RetrievalSplit
@@ -62,7 +65,7 @@ def read_texts(path: str, text_key: str = "text", id_key: str | None = None):
     a JSONL file are not records and are skipped. Errors name the file and line.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"embed: input file {path!r} does not exist")
+        raise MissingFileError(f"embed: input file {path!r} does not exist")
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()
     if not path.endswith((".jsonl", ".json")):
@@ -74,17 +77,17 @@ def read_texts(path: str, text_key: str = "text", id_key: str | None = None):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or text_key not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{number}: no text under key {text_key!r} (has {keys})")
+            raise InputError(f"{path}:{number}: no text under key {text_key!r} (has {keys})")
         if not isinstance(record[text_key], str):
-            raise ValueError(
+            raise InputError(
                 f"{path}:{number}: {text_key!r} is a {type(record[text_key]).__name__}, "
                 "not a string"
             )
         if id_key is not None and id_key not in record:
-            raise ValueError(f"{path}:{number}: no id under key {id_key!r} (has {sorted(record)})")
+            raise InputError(f"{path}:{number}: no id under key {id_key!r} (has {sorted(record)})")
         texts.append(record[text_key])
         ids.append(record[id_key] if id_key is not None else number)
     return texts, ids
@@ -104,7 +107,7 @@ def retrieval_split(task: str, split: str = "test") -> RetrievalSplit:
 
     provider = registry.get_task_or_mixture(task)
     if not isinstance(provider, seqio.Task):
-        raise ValueError(f"embed: {task!r} is a mixture; evaluate retrieval on one of its tasks")
+        raise ConfigError(f"embed: {task!r} is a mixture; evaluate retrieval on one of its tasks")
     pairs_fn = next(
         (
             p
@@ -114,12 +117,12 @@ def retrieval_split(task: str, split: str = "test") -> RetrievalSplit:
         None,
     )
     if pairs_fn is None:
-        raise ValueError(
+        raise ConfigError(
             f"embed: task {task!r} is not a contrastive task (no contrastive_pairs "
             "preprocessor; register it with registry.register_contrastive_task)"
         )
     if split not in provider.splits:
-        raise ValueError(f"embed: task {task!r} has no split {split!r} (has {provider.splits})")
+        raise ConfigError(f"embed: task {task!r} has no split {split!r} (has {provider.splits})")
     kw = pairs_fn.keywords
     ds = provider.source.get_dataset(split=split, shuffle=False)
     ds = contrastive.contrastive_pairs(
@@ -157,7 +160,7 @@ def load_towers(
     checkpoint.
     """
     if not hasattr(model, "embed") or not hasattr(model, "build"):
-        raise ValueError(
+        raise ConfigError(
             f"embed.model must be an embedding model (@DualEncoderModel()), got {model!r}"
         )
     if params_from:
@@ -167,7 +170,7 @@ def load_towers(
             fresh = params_io.model_params(module)
             converted = model.warm_start_params(params_io.load(params_from), source_type, fresh)
             if converted is None:
-                raise ValueError(
+                raise CheckpointError(
                     f"embed: {params_from} holds a {source_type!r} model; "
                     f"{type(model).__name__} cannot start from it"
                 )
@@ -183,11 +186,11 @@ def load_towers(
     if params_from:
         return trainer.module(params_io.load(params_from, target)), params_from
     if not model_dir:
-        raise ValueError("embed: give embed.model_dir (MODEL_DIR) or embed.params_from")
+        raise ConfigError("embed: give embed.model_dir (MODEL_DIR) or embed.params_from")
     ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
     try:
         if not ckpt.all_steps():
-            raise FileNotFoundError(f"embed: no training checkpoint in {model_dir}")
+            raise CheckpointError(f"embed: no training checkpoint in {model_dir}")
         step = ckpt.all_steps()[-1]
         params = ckpt.restore_params(target, step)
     finally:
@@ -267,7 +270,7 @@ def _write_json(path: str, value) -> None:
 
 def _check(name: str, value, low: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        raise ValueError(f"embed.{name}={value!r} must be an int >= {low}")
+        raise ConfigError(f"embed.{name}={value!r} must be an int >= {low}")
 
 
 @gin.configurable(module="encdec_adapt")
@@ -330,25 +333,25 @@ def embed(
     """
     for name, value in (("model", model), ("output_dir", output_dir)):
         if value is gin.REQUIRED:
-            raise ValueError(f"Missing required value: embed.{name} (e.g. --gin.OUTPUT_DIR=...)")
+            raise ConfigError(f"Missing required value: embed.{name} (e.g. --gin.OUTPUT_DIR=...)")
     if (input_file is None) == (task is None):
-        raise ValueError(
+        raise ConfigError(
             "embed: give exactly one of embed.input_file (INPUT_FILE) and embed.task (TASK)"
         )
     if not (model_dir or params_from):
-        raise ValueError(
+        raise ConfigError(
             "embed: give embed.model_dir (MODEL_DIR) or embed.params_from (PARAMS_FROM)"
         )
     if side not in SIDES:
-        raise ValueError(f"embed.side={side!r}; choose from {SIDES}")
+        raise ConfigError(f"embed.side={side!r}; choose from {SIDES}")
     from encdec_adapt.data import identifiers
 
     try:
         transform = identifiers.text_transform(text_transform)
     except ValueError as e:
-        raise ValueError(f"embed.text_transform: {e}") from None
+        raise ConfigError(f"embed.text_transform: {e}") from None
     if transform is not None and task is not None:
-        raise ValueError(
+        raise ConfigError(
             f"embed.text_transform={text_transform!r} applies to INPUT_FILE texts; the texts of "
             f"task {task!r} come already preprocessed by the task"
         )
@@ -362,15 +365,13 @@ def embed(
     if vocabulary_file is not None:
         vocab = registry.vocabulary(vocabulary_file)
     elif task is not None:
-        from encdec_adapt.data import input_pipeline
-
         vocab = next(iter(input_pipeline.vocabularies(task).values()))
     else:
         vocab = registry.vocabulary()
     if input_file is not None:
         texts, ids = read_texts(input_file, text_key, id_key)
         if not texts:
-            raise ValueError(f"embed: input file {input_file!r} holds no texts")
+            raise InputError(f"embed: input file {input_file!r} holds no texts")
     else:
         eval_split = retrieval_split(task, split)
 
@@ -468,14 +469,3 @@ def embed(
             f.write(text)
     print(text, flush=True)
     return summary
-
-
-# ------------------------------------------------------------------------------------ CLI
-
-
-def embed_main(argv: list[str]) -> int:
-    """`encdec-adapt embed --gin_file=... --gin.KEY=VALUE`; exit 0, or 2 on bad configuration
-    or input (the message names the binding, file, task or parameter)."""
-    from encdec_adapt.runtime import train
-
-    return train.run_command("embed", argv, input_errors=(ValueError, FileNotFoundError))

@@ -1,4 +1,5 @@
-"""`encdec-adapt export-params`: a training run's checkpoint -> a params checkpoint.
+"""A training run's checkpoint -> a params checkpoint (`encdec-adapt export-params`, whose
+command line is cli/export_params.py).
 
     encdec-adapt export-params --model_dir runs/pretrain --output ckpt/pretrained
     encdec-adapt export-params --model_dir runs/kd --output ckpt/student --step 2000
@@ -16,10 +17,9 @@ student (the teacher is a frozen copy of an existing checkpoint).
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
+from encdec_adapt.errors import InputError
 from encdec_adapt.models.generative import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
@@ -28,7 +28,7 @@ from encdec_adapt.storage import params_io
 CONFIG_FILE = "config.gin"
 
 
-class ExportError(ValueError):
+class ExportError(InputError):
     """Nothing to export; the message names the directory or step."""
 
 
@@ -94,25 +94,3 @@ def export_params(model_dir: str, output: str, step: int | None = None, *, overw
         model, params = student, params["student"]
     params_io.save(output, params, model.model_type, model.config_dict(), overwrite=overwrite)
     return step
-
-
-def export_params_main(argv: list[str]) -> int:
-    """`encdec-adapt export-params`; exit code 0 done, 1 nothing to export / bad output."""
-    p = argparse.ArgumentParser(
-        prog="encdec-adapt export-params",
-        description="Write the parameters of a training run's checkpoint (the newest, or "
-        "--step) as a params checkpoint: what warm starts, `adapt`, KD teachers, `eval` / "
-        "`infer` (params_from) and `export-hf` read. A distillation run exports its student.",
-    )
-    p.add_argument("--model_dir", required=True, help="MODEL_DIR of an `encdec-adapt train` run")
-    p.add_argument("--output", required=True, help="params checkpoint directory to write")
-    p.add_argument("--step", type=int, help="checkpointed step (default: the newest)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = p.parse_args(argv)
-    try:
-        step = export_params(args.model_dir, args.output, args.step, overwrite=args.overwrite)
-    except (ExportError, params_io.CheckpointError) as e:
-        print(f"export-params: error: {e}", file=sys.stderr)
-        return 1
-    print(f"export-params: step {step} of {args.model_dir} -> {args.output}")
-    return 0

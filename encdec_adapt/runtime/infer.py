@@ -19,6 +19,7 @@ import numpy as np
 
 from encdec_adapt.data import input_pipeline
 from encdec_adapt.data.jsonl_inputs import JsonlInputs
+from encdec_adapt.errors import ConfigError
 from encdec_adapt.evaluation import evaluator as evaluation
 from encdec_adapt.models import decoding
 from encdec_adapt.models.generative import BaseModel
@@ -36,7 +37,7 @@ def _restore_params(trainer: Trainer, model_dir: str | None, params_from: str | 
     if params_from:
         return params_io.load(params_from, target)
     if not model_dir:
-        raise ValueError("give a model_dir with training checkpoints or params_from")
+        raise ConfigError("give a model_dir with training checkpoints or params_from")
     ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
     try:
         return ckpt.restore_params(target)
@@ -113,10 +114,10 @@ def infer(
     """
     _require("infer", model_dir=model_dir, params_from=params_from, output_file=output_file)
     if mode not in ("score", "predict"):
-        raise ValueError(f"infer.mode={mode!r}: choose 'score' or 'predict'")
+        raise ConfigError(f"infer.mode={mode!r}: choose 'score' or 'predict'")
     jsonl = isinstance(infer_data, JsonlInputs)
     if jsonl and mode == "score" and not infer_data.target_key:
-        raise ValueError(
+        raise ConfigError(
             "Invalid JsonlInputs: target_key=None, but infer.mode='score' needs targets "
             "(e.g. JsonlInputs.target_key = 'targets')"
         )

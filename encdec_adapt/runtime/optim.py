@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from encdec_adapt.errors import ConfigError
+
 SCHEDULES = ("constant", "rsqrt", "cosine", "linear")
 OPTIMIZERS = ("adamw", "adafactor", "sgd")
 
@@ -96,7 +98,7 @@ class OptimizerConfig:
             except re.error as e:
                 problems.append(f"bad regular expression {pattern!r}: {e}")
         if problems:
-            raise ValueError("Invalid OptimizerConfig: " + "; ".join(problems))
+            raise ConfigError("Invalid OptimizerConfig: " + "; ".join(problems))
 
 
 def make_schedule(cfg: OptimizerConfig) -> optax.Schedule:
@@ -173,7 +175,7 @@ def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransform
     if all(jax.tree.leaves(mask)):
         return inner
     if not any(jax.tree.leaves(mask)):
-        raise ValueError(
+        raise ConfigError(
             f"OptimizerConfig freezes every parameter (freeze={cfg.freeze}, "
             f"train_only={cfg.train_only})"
         )

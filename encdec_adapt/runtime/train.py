@@ -1,5 +1,5 @@
-"""Gin entry point `train`, and the `encdec-adapt train|eval|infer` CLI (`evaluate` and `infer`
-live in infer.py).
+"""Gin entry point `train` of `encdec-adapt train` (cli/gin_runner.py runs it; `evaluate` and
+`infer` live in infer.py).
 
     encdec-adapt train --gin_file=models/gemma_tiny.gin --gin_file=runs/pretrain.gin \
         --gin.MODEL_DIR=/tmp/run --gin.TRAIN_STEPS=1000
@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 
 import gin
@@ -23,6 +22,7 @@ import jax
 import numpy as np
 
 from encdec_adapt.data import input_pipeline
+from encdec_adapt.errors import ConfigError, TrainingDiverged
 from encdec_adapt.evaluation import evaluator as evaluation
 from encdec_adapt.models import decoding
 from encdec_adapt.models.generative import BaseModel, summarize
@@ -30,10 +30,6 @@ from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
 from encdec_adapt.runtime.metrics_log import MetricsLogger
 from encdec_adapt.runtime.trainer import Trainer
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
 
 
 class _Preemption:
@@ -229,7 +225,7 @@ def _require(entry: str, **values) -> None:
     """Values bound to %gin.REQUIRED macros reach the entry point as the sentinel itself."""
     for name, value in values.items():
         if value is gin.REQUIRED:
-            raise ValueError(
+            raise ConfigError(
                 f"Missing required value: {entry}.{name}=%gin.REQUIRED (set the macro that "
                 f"feeds it on the command line, e.g. --gin.{name.upper()}=...)"
             )
@@ -237,7 +233,7 @@ def _require(entry: str, **values) -> None:
 
 def _check_positive(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive int")
+        raise ConfigError(f"{name}={value!r} must be a positive int")
 
 
 def _flops_per_token(model: BaseModel, data_cfg) -> float | None:
@@ -248,154 +244,3 @@ def _flops_per_token(model: BaseModel, data_cfg) -> float | None:
         return model.flops_per_token(dict(lengths))
     except NotImplementedError:
         return None
-
-
-# ---------------------------------------------------------------------------------------- CLI
-
-# command -> (module, gin entry point)
-ENTRY_POINTS = {
-    "train": ("encdec_adapt.runtime.train", "train"),
-    "eval": ("encdec_adapt.runtime.infer", "evaluate"),
-    "infer": ("encdec_adapt.runtime.infer", "infer"),
-    "embed": ("encdec_adapt.runtime.embed", "embed"),
-}
-
-
-def gin_value(text: str) -> str:
-    """A `--gin.KEY=VALUE` value as gin syntax: Python literals, @references, %macros and
-    quoted strings pass through; anything else (e.g. a bare path) becomes a string."""
-    import ast
-
-    stripped = text.strip()
-    if stripped[:1] in ("@", "%", "'", '"', "(", "[", "{"):
-        return text
-    try:
-        ast.literal_eval(stripped)
-        return text
-    except (ValueError, SyntaxError):
-        return repr(text)
-
-
-def parse_flags(argv: list[str], command: str):
-    """(argparse namespace, gin bindings) of a command line."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog=f"encdec-adapt {command}",
-        description=f"Runs the gin entry point `{ENTRY_POINTS[command][1]}`. Bindings are "
-        "given as --gin.KEY=VALUE (repeatable), e.g. --gin.MODEL_DIR=/tmp/run "
-        "--gin.train.num_steps=100.",
-    )
-    parser.add_argument("--gin_file", action="append", default=[], help="gin file (repeatable)")
-    parser.add_argument(
-        "--gin_search_path", action="append", default=[], help="where gin files are looked up"
-    )
-    parser.add_argument("--coordinator_address", help="host:port of process 0 (multi-process)")
-    parser.add_argument("--num_processes", type=int)
-    parser.add_argument("--process_id", type=int)
-    parser.add_argument(
-        "--distributed_auto",
-        action="store_true",
-        help="let JAX discover the cluster (TPU pods, SLURM)",
-    )
-    bindings, rest = [], []
-    for arg in argv:
-        if arg.startswith("--gin.") and "=" in arg:
-            key, value = arg[len("--gin.") :].split("=", 1)
-            bindings.append(f"{key} = {gin_value(value)}")
-        elif arg.startswith("--gin."):
-            parser.error(f"{arg}: expected --gin.KEY=VALUE")
-        else:
-            rest.append(arg)
-    args = parser.parse_args(rest)
-    if not args.gin_file:
-        parser.error("at least one --gin_file is required")
-    return args, bindings
-
-
-def locate_bindings(message: str, files: list[str], bindings: list[str]) -> list[str]:
-    """'file:line: text' of the gin bindings a config error message names.
-
-    Config classes name their fields as `Class.field=value` or `Invalid Class: field=value`.
-    """
-    import re
-
-    names = set(re.findall(r"\b([A-Za-z_]\w*)\.([A-Za-z_]\w*)=", message))
-    invalid = re.search(r"Invalid ([A-Za-z_]\w*): (.*)", message)
-    if invalid:
-        names |= {(invalid.group(1), f) for f in re.findall(r"\b(\w+)=", invalid.group(2))}
-    found = []
-    sources = [(f, _read_gin(f)) for f in files] + [("--gin", "\n".join(bindings))]
-    for path, text in sources:
-        for i, line in enumerate(text.splitlines(), 1):
-            for cls, field in names:
-                if re.match(rf"\s*([\w./]*/)?{cls}\.{field}\s*=", line):
-                    found.append(f"{path}:{i}: {line.strip()}")
-    return found
-
-
-def _read_gin(path: str) -> str:
-    for root in ["", *gin.config._LOCATION_PREFIXES]:  # gin has no public search-path getter
-        full = os.path.join(root, path)
-        if os.path.exists(full):
-            with open(full) as f:
-                return f.read()
-    return ""
-
-
-def run_command(command: str, argv: list[str], input_errors: tuple[type, ...] = ()) -> int:
-    """Parses flags and gin, then calls the entry point; returns the exit code.
-
-    Exit codes: 0 done (or preempted with a checkpoint), 1 loss diverged, 2 bad configuration.
-    `input_errors`: exception types that always mean bad input (exit 2 with their message, e.g.
-    a file:line), where other errors keep their traceback unless they name a gin binding.
-    """
-    from encdec_adapt.parallel import distributed
-
-    args, bindings = parse_flags(argv, command)
-    distributed.initialize(
-        args.coordinator_address, args.num_processes, args.process_id, auto=args.distributed_auto
-    )
-    from encdec_adapt.nn import config as config_lib
-
-    config_lib.add_gin_search_path(*args.gin_file, extra=args.gin_search_path)
-    import importlib
-
-    module, name = ENTRY_POINTS[command]
-    entry = getattr(importlib.import_module(module), name)
-    try:
-        gin.parse_config_files_and_bindings(args.gin_file, bindings)
-    except Exception as e:  # gin's parse errors carry the file and line in their message
-        print(f"encdec-adapt {command}: bad gin config: {type(e).__name__}: {e}", file=sys.stderr)
-        return 2
-    try:
-        entry()
-    except TrainingDiverged as e:
-        print(f"encdec-adapt {command}: {e}", file=sys.stderr)
-        return 1
-    except input_errors as e:
-        print(f"encdec-adapt {command}: {e}", file=sys.stderr)
-        for w in locate_bindings(str(e), args.gin_file, bindings):
-            print(f"  set at {w}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, RuntimeError, input_pipeline.UnknownTaskError) as e:
-        where = locate_bindings(str(e), args.gin_file, bindings)
-        if not where and not str(e).startswith(("Required bindings", "Invalid", "Unknown")):
-            raise  # not a configuration problem: keep the traceback
-        print(f"encdec-adapt {command}: bad configuration: {e}", file=sys.stderr)
-        for w in where:
-            print(f"  set at {w}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def train_main(argv: list[str]) -> int:
-    return run_command("train", argv)
-
-
-def eval_main(argv: list[str]) -> int:
-    return run_command("eval", argv)
-
-
-def infer_main(argv: list[str]) -> int:
-    return run_command("infer", argv)

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from encdec_adapt.errors import ConfigError
 from encdec_adapt.models.generative import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import optim
@@ -54,7 +55,7 @@ def _split_micro(x: jax.Array, n: int) -> jax.Array:
     no device idles while others work.
     """
     if x.shape[0] % n:
-        raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={n}")
+        raise ConfigError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={n}")
     return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
 
 

@@ -20,14 +20,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from encdec_adapt import errors
+
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
 PyTree = Any
 
 
-class CheckpointError(ValueError):
-    """An unusable checkpoint; the message names the path, and the parameter and shapes."""
+# An unusable checkpoint; the message names the path, and the parameter and shapes. Defined in
+# errors.py (exit code 2 on the command line), importable from here.
+CheckpointError = errors.CheckpointError
 
 
 def flatten(tree: PyTree) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def run_train(model_dir: str, gin_files: list[str], bindings: list[str], log: st
     the wall time of this invocation in seconds."""
     import gin
 
-    from encdec_adapt.runtime import train
+    from encdec_adapt.cli import main
 
     argv = [f"--gin_file={f}" for f in gin_files]
     argv += [f"--gin.MODEL_DIR={model_dir}", *(f"--gin.{b}" for b in bindings)]
@@ -80,7 +80,7 @@ def run_train(model_dir: str, gin_files: list[str], bindings: list[str], log: st
     t0 = time.perf_counter()
     with logged(log):
         print("encdec-adapt train " + " ".join(argv), flush=True)
-        code = train.run_command("train", argv)
+        code = main.main(["train", *argv])
     gin.clear_config()
     if code != 0:
         raise StageError(f"encdec-adapt train {' '.join(argv)} exited with {code}; see {log}")
@@ -255,7 +255,7 @@ class Reproduction:
     def adapt(self, kind: str, small: dict, wide: dict) -> str:
         """Stage `adapt KIND`: `encdec-adapt adapt` for "balanced" / "unbalanced"; returns the
         checkpoint path."""
-        from encdec_adapt.models import warm_start as adapt
+        from encdec_adapt.cli import main
 
         out = self.path("adapted", kind)
         if kind == "balanced":
@@ -266,7 +266,7 @@ class Reproduction:
 
         def work() -> None:
             with logged(self._log(f"adapt_{kind}")):
-                code = adapt.adapt_main([*argv, "--output", out, "--overwrite"])
+                code = main.main(["adapt", *argv, "--output", out, "--overwrite"])
             if code != 0:
                 raise StageError(f"encdec-adapt adapt {' '.join(argv)} failed; see the log")
             self.echo(f"adapt {kind}: {out}")

@@ -107,7 +107,7 @@ def parse_args(argv: list[str]) -> Command:
         help="train nothing: the seeds table of these finished runs' OUTPUT_DIRs",
     )
     parser.add_argument("--output", help="the seeds table's file (--seeds / --aggregate)")
-    from encdec_adapt.runtime.train import gin_value
+    from encdec_adapt.cli.gin_runner import gin_value
 
     bindings, rest = [], []
     for arg in argv:

@@ -11,9 +11,9 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from encdec_adapt.cli import corpus, counters, registry
 from encdec_adapt.cli import main as cli_main
 from encdec_adapt.cli import tasks as cli
+from encdec_adapt.data import corpus, counters, registry
 from encdec_adapt.data import feature_converters as fc
 
 LENGTHS = {"inputs": 128, "targets": 32}
@@ -119,5 +119,8 @@ def test_cli_lists_tasks_and_shows_decoded_examples(capsys):
     assert cli.tasks_main(["--show", "stdlib_span_corruption", "-n", "1"]) == 0
     shown = capsys.readouterr().out
     assert "<extra_id_0>" in shown and "inputs (" in shown
-    assert cli.tasks_main(["--show", "stdlib_span_corruptio"]) == 2
-    assert "stdlib_span_corruption" in capsys.readouterr().err
+    assert cli_main.main(["tasks", "--show", "stdlib_span_corruptio"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.startswith("encdec-adapt tasks: unknown seqio task") and "stdlib_span_corruption" in err
+    )
