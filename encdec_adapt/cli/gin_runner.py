@@ -143,6 +143,8 @@ class GinRun:
 
         config_lib.add_gin_search_path(*args.gin_file, extra=args.gin_search_path)
         entry = load_entry()
+        # Every configurable under its stable name, also for user gin files that import none.
+        import encdec_adapt.configurables  # noqa: F401
         try:
             gin.parse_config_files_and_bindings(args.gin_file, bindings)
         except Exception as e:  # gin's parse errors carry the file and line in their message
