@@ -145,6 +145,7 @@ class GinRun:
         entry = load_entry()
         # Every configurable under its stable name, also for user gin files that import none.
         import encdec_adapt.configurables  # noqa: F401
+
         try:
             gin.parse_config_files_and_bindings(args.gin_file, bindings)
         except Exception as e:  # gin's parse errors carry the file and line in their message
