@@ -8,6 +8,7 @@ import os
 import gin
 import numpy as np
 import pytest
+import retrieval_reference
 import seqio
 import tensorflow as tf
 from flax import nnx
@@ -228,8 +229,22 @@ def test_embed_task_report(checkpoints):
     assert report["inputs"]["documents"]["truncated"] == 4  # every document is over 8 tokens
     split = rm.RetrievalSplit.from_pairs("s", PAIRS[:5])
     assert report["results"]["BM25"] == pytest.approx(evaluate_bm25(split))
-    # the report's towers row is the evaluation of the embeddings it wrote
+    # BM25 by hand. Documents (identifiers split at "_"): d0 read_file (def read file path
+    # return open path read: 8 words), d1 add (def add a b return a b: 7), d2 plus (7), d3
+    # sort_items (def sort items items items sort: 6). q0 "read a file ..." -> d0 first; q1
+    # "add two numbers" -> only d1 has "add"; q2 (same query, positive d2) -> d1 then the
+    # zero-score d0, d2, d3 in document order: rank 3; q3 "sort a list ..." -> d3 ("sort" x2,
+    # 6 words) above d1 ("a" x2, 7 words), same idf: rank 1; q4 "sum of two values" matches
+    # nothing, d0 d1 d2 d3 in order, positive d1: rank 2.
+    want = retrieval_reference.metrics_from_ranks([1, 1, 3, 1, 2])
+    assert want["recall@1"] == 0.6 and want["mrr@10"] == pytest.approx((3 + 1 / 3 + 1 / 2) / 5)
+    assert report["results"]["BM25"] == pytest.approx(want, rel=1e-6)
+    # the report's towers row is the evaluation of the embeddings it wrote, recomputed in numpy
     q, d = np.load(os.path.join(out, "queries.npy")), np.load(os.path.join(out, "documents.npy"))
+    assert q.shape[0] == 5 and d.shape[0] == 4
+    ranks = retrieval_reference.positive_ranks(q, d, [0, 1, 2, 3, 1])
+    want = retrieval_reference.metrics_from_ranks(ranks)
+    assert report["results"]["towers"] == pytest.approx(want, rel=1e-6)
     assert report["results"]["towers"] == pytest.approx(split.evaluate_embeddings(q, d))
     text = read(os.path.join(out, "retrieval_report.md"))
     assert "| BM25 |" in text and "documents: 4, cut to 8 tokens: 4" in text

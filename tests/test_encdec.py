@@ -139,9 +139,19 @@ def test_encoder_padding_is_invisible_to_both_stacks():
     # Left padding too: positions restart after the padding segment, RoPE is relative.
     left = jnp.concatenate([jnp.zeros((2, 3), jnp.int32), enc], axis=1)
     np.testing.assert_allclose(forward(model, left, dec), forward(model, enc, dec), atol=2e-5)
-    # The content under padding does not matter, but real encoder tokens do.
-    garbage = padded.at[:, 6:].set(0)
-    np.testing.assert_array_equal(forward(model, garbage, dec), forward(model, padded, dec))
+    # The content under padding does not matter, but real encoder tokens do: random non-pad
+    # token ids behind the valid prefix, marked as padding by the segment ids, change nothing.
+    garbage = jnp.concatenate([enc, tokens((2, 3), 11)], axis=1)
+    assert np.all(np.asarray(garbage[:, 6:]) != 0)
+    seg = jnp.asarray([[1] * 6 + [0] * 3] * 2, jnp.int32)
+    np.testing.assert_allclose(
+        forward(model, garbage, dec, enc_seg=seg), forward(model, enc, dec), atol=2e-5
+    )
+    np.testing.assert_allclose(
+        forward(model, garbage, dec, enc_seg=seg), forward(model, padded, dec), atol=2e-5
+    )
+    # ... while the same ids inside the segment are real tokens and do change the output.
+    assert np.abs(forward(model, garbage, dec) - forward(model, enc, dec)).max() > 1e-3
     assert np.abs(forward(model, enc.at[:, 0].set(9), dec) - forward(model, enc, dec)).max() > 1e-3
 
 

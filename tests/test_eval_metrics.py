@@ -4,6 +4,7 @@ predictions and the scores of the same rows that `infer` would produce."""
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from encdec_adapt.data import input_pipeline, metrics
 from encdec_adapt.evaluation import evaluator as evaluation
@@ -13,6 +14,7 @@ from encdec_adapt.nn.config import EncoderDecoderConfig, load_preset
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import optim
 from encdec_adapt.runtime.trainer import Trainer
+from encdec_adapt.storage import params_io
 from encdec_adapt.tasks import metric_tasks
 
 # One layer a side (a local one) instead of t5gemma_tiny's four: these tests check the evaluator
@@ -49,6 +51,16 @@ def test_task_metrics_get_decoded_targets_predictions_and_scores():
     rules = sharding.MeshRules()
     trainer = Trainer(model, optim.OptimizerConfig(), rules.make_mesh(), rules)
     params = trainer.init_state().params
+    # Fresh parameters echo the decoder input (tied embeddings dominate the residual: greedy
+    # decodes are all pad, i.e. empty); large noise on the layers gives varied decodes.
+    rng = np.random.default_rng(3)
+    flat = params_io.flatten(params)
+    params = params_io.unflatten(
+        {
+            k: v if "embedding" in k else v + 2.0 * rng.normal(size=v.shape).astype(v.dtype)
+            for k, v in flat.items()
+        }
+    )
     data = input_pipeline.DataConfig(
         task="test_recording_eval",
         batch_size=3,
@@ -63,21 +75,44 @@ def test_task_metrics_get_decoded_targets_predictions_and_scores():
     assert out["n_predicted"] == out["n_scored"] == 6
     assert {"loss", "accuracy"} <= set(out)
 
-    # the same rows, decoded and scored directly
+    # The same rows, decoded and scored independently of the evaluator (no run_batches,
+    # predict_fn or score_fn): the raw pipeline batches, a greedy loop of full teacher-forced
+    # forwards (no KV cache) and the log-softmax of one forward, computed in numpy.
     vocab = input_pipeline.vocabularies("stdlib_prefix_lm")["targets"]
-    rows = evaluation.run_batches(
-        trainer, params, data, predict=True, score=True, decode_cfg=decode, num_batches=2
-    )
+    eos = vocab.eos_id
+    module = trainer.module(params)
+    forward = nnx.jit(lambda m, e, d: m(e, d))
+
+    def until_eos(ids):
+        ids = [int(t) for t in ids if t != 0]
+        return ids[: ids.index(eos)] if eos in ids else ids
+
     targets, predictions, scores = [], [], []
-    for r in rows:
-        for i in np.flatnonzero(r.valid):
-            targets.append(vocab.decode(evaluation.target_ids(r.features, i, vocab.eos_id)))
-            predictions.append(vocab.decode(evaluation.until_eos(r.tokens[i], vocab.eos_id)))
-            scores.append(float(r.log_likelihood[i]))
+    for i, batch in enumerate(input_pipeline.make_iterator(data)):
+        if i == 2:
+            break
+        enc = np.asarray(batch["encoder_input_tokens"])
+        tgt = np.asarray(batch["decoder_target_tokens"])
+        w = np.asarray(batch["decoder_loss_weights"])
+        logits = np.asarray(forward(module, enc, np.asarray(batch["decoder_input_tokens"])))
+        logits = logits.astype(np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        # One shape for every step (one compile): the decoder is causal, so the zeros after
+        # step t do not change position t's logits. Start id 0.
+        dec = np.zeros((len(enc), decode.max_decode_len + 1), np.int32)
+        for t in range(decode.max_decode_len):
+            dec[:, t + 1] = np.argmax(np.asarray(forward(module, enc, dec))[:, t], -1)
+        for row in range(len(enc)):
+            targets.append(vocab.decode(until_eos(tgt[row][w[row] > 0])))
+            predictions.append(vocab.decode(until_eos(dec[row, 1:])))
+            scores.append(float(np.sum(logp[row, np.arange(tgt.shape[1]), tgt[row]] * w[row])))
+    assert len(targets) == 6
     assert seen["predict"] == (targets, predictions)
     assert seen["score"][0] == targets
-    np.testing.assert_allclose(seen["score"][1], scores, rtol=1e-6)
+    np.testing.assert_allclose(seen["score"][1], scores, rtol=1e-5)
     assert all(t for t in targets)  # real text, not empty decodes
+    assert all(p for p in predictions)  # varied decodes, not all-pad
 
 
 def test_periodic_eval_in_train_logs_task_metrics(tmp_path):

@@ -1,6 +1,8 @@
 """experiments.probe: retrieval scored as `encdec-adapt embed` scores it, and the pooling."""
 
 import numpy as np
+import pytest
+import retrieval_reference
 
 from encdec_adapt.evaluation.retrieval_metrics import RetrievalSplit
 from experiments import probe
@@ -16,14 +18,20 @@ def _pairs(n, duplicate_last=False):
 def test_retrieval_matches_retrieval_split_and_dedups_positives():
     rng = np.random.default_rng(0)
     pairs = _pairs(40, duplicate_last=True)
-    q = rng.normal(size=(40, 8)).astype(np.float32)
     d = rng.normal(size=(40, 8)).astype(np.float32)
     d[-1] = d[0]  # the same text embeds the same way
+    q = (d + 2.0 * rng.normal(size=(40, 8))).astype(np.float32)  # near their positives
     got = probe.retrieval(pairs, q, d)
     split = RetrievalSplit.from_pairs("x", [(p["query"], p["positive"]) for p in pairs])
     assert len(split.documents) == 39
-    want = split.evaluate_embeddings(q, d[:39])
-    assert got == {k: want[k] for k in ("ndcg@10", "recall@1", "mrr@10")}
+    # By hand: 39 distinct documents (the last pair's positive is document 0).
+    ranks = retrieval_reference.positive_ranks(q, d[:39], [*range(39), 0])
+    assert np.sum(ranks == 1) > 1 and np.sum((ranks > 1) & (ranks <= 10)) > 1
+    assert np.sum(ranks > 10) > 0  # hits, near misses and misses
+    want = retrieval_reference.metrics_from_ranks(ranks)
+    assert set(got) == {"ndcg@10", "recall@1", "mrr@10"}
+    for k in got:
+        assert got[k] == pytest.approx(want[k], rel=1e-6), k
 
 
 def test_retrieval_perfect_and_chance_depend_on_the_candidate_count():

@@ -1,4 +1,5 @@
-"""Exact resume of `encdec-adapt train` after SIGKILL / SIGTERM, corrupt checkpoints, NaN stop.
+"""Exact resume of `encdec-adapt train` after SIGKILL / SIGTERM, corrupt checkpoints, NaN stop;
+resume wins over a warm start.
 
 The trainer runs in a subprocess (`python -m encdec_adapt.cli.main train ...`) on 2 fake CPU
 devices, and is killed while it runs. Runs compare every leaf of the final train state (params,
@@ -272,3 +273,80 @@ def test_seqio_iterator_position_restores_exactly():
         for k in want:
             np.testing.assert_array_equal(want[k], got[k])
     assert position == {"index": 3} and resumed.get_state() == {"index": 5}
+
+
+def test_resume_wins_over_warm_start_from(tmp_path, monkeypatch, capsys):
+    """A run with both a checkpoint in MODEL_DIR and `warm_start_from` continues from the
+    checkpoint: the state entering its first train step is the checkpoint's (step, and every
+    parameter leaf as the checkpoint API restores it), not the warm-start source's. A control
+    run without a checkpoint shows that the same source does warm start a fresh run."""
+    from encdec_adapt.data.input_pipeline import SyntheticConfig
+    from encdec_adapt.models.generative import DecoderOnlyModel
+    from encdec_adapt.nn.config import load_preset
+    from encdec_adapt.parallel import sharding
+    from encdec_adapt.runtime import checkpoints, optim, train, trainer
+    from encdec_adapt.storage import params_io
+
+    cfg = load_preset("gemma_tiny").replace(
+        vocab_size=64, num_layers=1, embed_dim=32, hidden_dim=64
+    )
+    model = DecoderOnlyModel(config=cfg)
+    ckpt_cfg = checkpoints.CheckpointConfig(save_interval_steps=2, async_save=False)
+    entering = []  # (step, flat params) of the state entering each run's first train step
+    original = trainer.Trainer.train_step
+
+    def spy(self, state, batch):
+        if not entering:  # before the call: the state is donated to it
+            params = params_io.flatten(jax.device_get(state.params))
+            entering.append((int(state.step), {k: np.asarray(v) for k, v in params.items()}))
+        return original(self, state, batch)
+
+    monkeypatch.setattr(trainer.Trainer, "train_step", spy)
+
+    def run_in_process(model_dir, num_steps, warm_start_from=None):
+        entering.clear()
+        train.train(
+            model_dir=str(model_dir),
+            model=model,
+            train_data=SyntheticConfig(batch_size=8, length=16, vocab_size=64),
+            num_steps=num_steps,
+            optimizer=optim.OptimizerConfig(learning_rate=1e-2),
+            checkpoint=ckpt_cfg,
+            log_every=1,
+            tensorboard=False,
+            warm_start_from=warm_start_from,
+        )
+        return entering[0], capsys.readouterr().out
+
+    run_dir = tmp_path / "run"
+    run_in_process(run_dir, 2)
+
+    # The checkpoint, read through the checkpoint API.
+    rules = sharding.MeshRules()
+    t = trainer.Trainer(model, optim.OptimizerConfig(learning_rate=1e-2), rules.make_mesh(), rules)
+    ckpt = checkpoints.Checkpointer(str(run_dir), ckpt_cfg)
+    state, _ = ckpt.restore_latest(t.abstract_state())
+    ckpt.close()
+    assert int(state.step) == 2
+    saved = {k: np.asarray(v) for k, v in params_io.flatten(jax.device_get(state.params)).items()}
+
+    # A warm-start source with the same layout and different values in every leaf.
+    rng = np.random.default_rng(0)
+    source = {k: (v + 1.0 + rng.random(v.shape)).astype(v.dtype) for k, v in saved.items()}
+    source_dir = str(tmp_path / "source")
+    params_io.save(source_dir, params_io.unflatten(source), model.model_type, cfg.to_dict())
+
+    # Control: a fresh run does start from the source.
+    (step, params), out = run_in_process(tmp_path / "fresh", 1, source_dir)
+    assert step == 0 and "Warm start" in out and "Resuming" not in out
+    assert params.keys() == source.keys()
+    for k in source:
+        np.testing.assert_array_equal(params[k], source[k], err_msg=k)
+
+    # The run with a checkpoint resumes it and ignores the source.
+    (step, params), out = run_in_process(run_dir, 3, source_dir)
+    assert step == 2 and "Resuming from step 2" in out and "Warm start" not in out
+    assert params.keys() == saved.keys()
+    for k in saved:
+        np.testing.assert_array_equal(params[k], saved[k], err_msg=k)
+        assert not np.any(params[k] == source[k]), k

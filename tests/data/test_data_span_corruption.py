@@ -6,6 +6,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np
 import pytest
+import sample_stats
 import seqio
 import tensorflow as tf
 
@@ -48,15 +49,27 @@ def test_noise_density_and_mean_span_length_over_many_examples():
     raw = sc.raw_length(LENGTHS["inputs"] - 1, LENGTHS["targets"] - 1, sc.SpanSpec(), 96)
     docs = token_docs(doc_lengths(150, raw))
     examples = corrupt_all(docs, seed=1)
-    noise = spans = 0
+    noise, spans, tokens = [], [], []  # per example (one chunk each)
     for ex in examples:
         is_sentinel = ex["targets"] >= 4096 - 96
-        spans += is_sentinel.sum()
-        noise += (~is_sentinel).sum()
+        spans.append(is_sentinel.sum())
+        noise.append((~is_sentinel).sum())
+        tokens.append(noise[-1] + (ex["inputs"] < 4096 - 96).sum())
     total = sum(len(d) for d in docs)
-    assert len(examples) > 300
-    assert abs(noise / total - 0.15) <= 0.01, noise / total
-    assert abs(noise / spans - 3.0) <= 0.3, noise / spans
+    assert len(examples) > 300 and sum(tokens) == total
+    assert abs(sum(noise) / total - 0.15) <= 0.01, sum(noise) / total
+    assert abs(sum(noise) / sum(spans) - 3.0) <= 0.3, sum(noise) / sum(spans)
+    # Tolerances from the sample: 4 standard errors. Binomial (as if each token were noised
+    # independently: 4 SE ~0.0034 here) ...
+    rate = sum(noise) / total
+    assert abs(rate - 0.15) <= 4 * sample_stats.binomial_se(sum(noise), total), rate
+    # ... and the actual per-chunk spread (randomised rounding of the noise count and the span
+    # count: 4 SE ~1.4e-4 on the rate, ~0.012 on the mean span length of 3).
+    rate, se = sample_stats.ratio_and_se(noise, tokens)
+    assert abs(rate - 0.15) <= 4 * se + 1e-12, (rate, se)
+    span, se = sample_stats.ratio_and_se(noise, spans)
+    assert abs(span - 3.0) <= 4 * se + 1e-12, (span, se)
+    assert se < 0.01, se  # far below the fixed 10% above
 
 
 def test_inputs_and_targets_reassemble_to_the_original_tokens():

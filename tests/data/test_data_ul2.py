@@ -9,6 +9,7 @@ import collections
 import gin
 import numpy as np
 import pytest
+import sample_stats
 import seqio
 import tensorflow as tf
 
@@ -66,6 +67,7 @@ def test_each_denoiser_hits_its_rate_span_length_and_mode_token():
     _, examples = run(config, num_docs=500, seed=0)
     denoisers = config.denoisers()
     stats = collections.defaultdict(lambda: np.zeros(3))  # noise tokens, spans, tokens
+    per_chunk = collections.defaultdict(list)  # the same, per whole chunk
     seen = collections.Counter()
     for ex in examples:
         d = denoisers[ex["denoiser"]]
@@ -79,6 +81,7 @@ def test_each_denoiser_hits_its_rate_span_length_and_mode_token():
         if d.span is not None and len(original) == lengths[ex["denoiser"]]:
             sentinel = ex["targets"] >= 4096 - 96
             stats[d.name] += [(~sentinel).sum(), sentinel.sum(), len(original)]
+            per_chunk[d.name].append([(~sentinel).sum(), sentinel.sum(), len(original)])
     assert set(seen) == {d.name for d in denoisers}
     for d in denoisers:
         if d.span is None:
@@ -89,6 +92,14 @@ def test_each_denoiser_hits_its_rate_span_length_and_mode_token():
         assert abs(rate - d.span.noise_density) <= 0.01, (d.name, rate)
         mean = d.span.mean_noise_span_length
         assert abs(span - mean) <= 0.1 * mean, (d.name, span)
+        # Tolerances from the sample: 4 standard errors, binomial for the rate, and the spread
+        # of the per-chunk counts (randomised rounding) for the rate and the mean span length.
+        assert abs(rate - d.span.noise_density) <= 4 * sample_stats.binomial_se(noise, tokens)
+        chunk_noise, chunk_spans, chunk_tokens = np.asarray(per_chunk[d.name]).T
+        rate, se = sample_stats.ratio_and_se(chunk_noise, chunk_tokens)
+        assert abs(rate - d.span.noise_density) <= 4 * se + 1e-12, (d.name, rate, se)
+        span, se = sample_stats.ratio_and_se(chunk_noise, chunk_spans)
+        assert abs(span - mean) <= 4 * se + 1e-12, (d.name, span, se)
 
 
 def test_every_denoiser_reassembles_exactly():
