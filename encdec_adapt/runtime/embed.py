@@ -184,14 +184,10 @@ def load_towers(
         return trainer.module(params_io.load(params_from, target)), params_from
     if not model_dir:
         raise ValueError("embed: give embed.model_dir (MODEL_DIR) or embed.params_from")
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
     try:
-        if not ckpt.all_steps():
-            raise FileNotFoundError(f"embed: no training checkpoint in {model_dir}")
-        step = ckpt.all_steps()[-1]
-        params = ckpt.restore_params(target, step)
-    finally:
-        ckpt.close()
+        params, step = checkpoints.restore_run_params(model_dir, target)
+    except checkpoints.MissingCheckpointError as e:
+        raise checkpoints.MissingCheckpointError(f"embed: {e}") from None
     return trainer.module(params), f"{model_dir} (step {step})"
 
 

@@ -77,18 +77,12 @@ def export_params(model_dir: str, output: str, step: int | None = None, *, overw
     model = model_from_run(model_dir)
     rules = sharding.MeshRules()
     trainer = Trainer(model, optim.OptimizerConfig(), rules.make_mesh(), rules)
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise ExportError(f"no training checkpoint in {ckpt.directory}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ExportError(f"step {step} is not in {ckpt.directory} (steps: {steps})")
-        params = ckpt.restore_params(trainer.abstract_state().params, step)
-    finally:
-        ckpt.close()
+        params, step = checkpoints.restore_run_params(
+            model_dir, trainer.abstract_state().params, step
+        )
+    except checkpoints.MissingCheckpointError as e:
+        raise ExportError(str(e)) from None
     student = getattr(model, "student", None)
     if student is not None:  # distillation: the student is the model that was trained
         model, params = student, params["student"]

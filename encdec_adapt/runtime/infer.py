@@ -37,11 +37,7 @@ def _restore_params(trainer: Trainer, model_dir: str | None, params_from: str | 
         return params_io.load(params_from, target)
     if not model_dir:
         raise ValueError("give a model_dir with training checkpoints or params_from")
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
-    try:
-        return ckpt.restore_params(target)
-    finally:
-        ckpt.close()
+    return checkpoints.restore_run_params(model_dir, target)[0]
 
 
 @gin.configurable
