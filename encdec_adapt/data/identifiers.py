@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import seqio
 import tensorflow as tf
 
 # Applied in order, each a global non-overlapping left-to-right replacement with the same
@@ -50,7 +51,6 @@ def split_identifiers_source(
     Everything that reads the task (training, `embed`'s retrieval split, BM25) then sees the
     same texts.
     """
-    import seqio
 
     def dataset_fn(split, shuffle_files, seed=None):
         ds = source.get_dataset(split=split, shuffle=shuffle_files, seed=seed)

@@ -21,6 +21,8 @@ import gin
 import jax
 import jax.numpy as jnp
 
+from encdec_adapt.nn.transformer import init_cache
+
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 NEG_INF = -1.0e7  # finite, so that inf - inf never appears in beam bookkeeping
 
@@ -281,8 +283,6 @@ def decoder_only_start(
     Returns:
       (step_fn, init_logits [B, V], state) for `decode`.
     """
-    from encdec_adapt.nn.transformer import init_cache
-
     b, p = prompts.shape
     segment_ids = (jnp.arange(p)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
     cache = init_cache(model.config, b, p + max_decode_len)

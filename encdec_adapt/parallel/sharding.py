@@ -20,6 +20,7 @@ import gin
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -79,8 +80,6 @@ class MeshRules:
                 f"{len(devices)} are available"
             )
         if self.dcn_mesh_shape is not None:
-            from jax.experimental import mesh_utils
-
             ici = [s // d for s, d in zip(shape, self.dcn_mesh_shape)]
             grid = mesh_utils.create_hybrid_device_mesh(ici, list(self.dcn_mesh_shape), devices)
         else:

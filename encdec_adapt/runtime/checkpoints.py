@@ -24,6 +24,7 @@ from typing import Any
 import gin
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,6 @@ class Checkpointer:
             shutil.rmtree(target, ignore_errors=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"quarantine_{step}")
         self._open()
 
