@@ -29,6 +29,8 @@ TEST_REQUIRES = [
     # The suite runs on two worker processes (scripts/test.sh: -n 2): XLA compiles on one core.
     "pytest-xdist==3.8.0",
     "ruff==0.17.6",
+    # Layer contracts of pyproject.toml's [tool.importlinter] (`lint-imports`).
+    "import-linter==2.17",
     # CPU build; on these machines pip takes it from a local wheel.
     "torch==2.13.0",
     "transformers==5.23.0",
