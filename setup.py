@@ -31,6 +31,8 @@ TEST_REQUIRES = [
     "ruff==0.17.6",
     # Independent reference for the retrieval metrics (ndcg_score, top_k_accuracy_score, ...).
     "scikit-learn==1.9.1",
+    # Layer contracts of pyproject.toml's [tool.importlinter] (`lint-imports`).
+    "import-linter==2.17",
     # CPU build; on these machines pip takes it from a local wheel.
     "torch==2.13.0",
     "transformers==5.23.0",

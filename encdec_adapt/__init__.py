@@ -14,13 +14,7 @@ from encdec_adapt.models.contrastive import (
 )
 from encdec_adapt.models.decoding import DecodeConfig, Decoded, decode
 from encdec_adapt.models.embedding import ClassifierModel, DualEncoderModel
-from encdec_adapt.models.warm_start import (
-    CROSS_ATTENTION,
-    WarmStart,
-    freeze,
-    trainable_mask,
-    warm_start,
-)
+from encdec_adapt.models.warm_start import CROSS_ATTENTION, WarmStart, warm_start
 from encdec_adapt.nn.classifier import Classifier
 from encdec_adapt.nn.config import (
     AttentionType,
@@ -34,6 +28,7 @@ from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig, warm_st
 from encdec_adapt.nn.encdec import Encoder, EncoderDecoder
 from encdec_adapt.nn.transformer import DecodeCache, DecoderOnly, init_cache
 from encdec_adapt.parallel.sharding import MeshRules, create_sharded, use_mesh
+from encdec_adapt.runtime.optim import freeze, frozen_fraction, trainable_mask
 
 __all__ = [
     "CROSS_ATTENTION",
@@ -62,6 +57,7 @@ __all__ = [
     "create_sharded",
     "decode",
     "freeze",
+    "frozen_fraction",
     "init_cache",
     "load_encdec_preset",
     "load_preset",

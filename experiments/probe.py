@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from encdec_adapt.data.token_fit import fit_text
 from encdec_adapt.evaluation.retrieval_metrics import RetrievalSplit
 
 EncodeFn = Callable[[jax.Array], jax.Array]  # [B, L] tokens -> [B, L, D] states
@@ -53,11 +54,12 @@ def code_search_pairs(split: str, limit: int | None = None) -> list[dict]:
 
 
 def tokenize(vocabulary, texts: Sequence[str], max_length: int, eos_id: int = 1) -> np.ndarray:
-    """[N, max_length] int32: each text's ids then EOS (as seqio's encoder inputs), cut to fit
-    (the EOS stays last), padded with 0. An empty text is EOS alone."""
+    """[N, max_length] int32: each text's ids then EOS, cut to the first max_length tokens as in
+    training (`token_fit.fit_text`: an over-long text loses its EOS), padded with 0. An empty
+    text is EOS alone."""
     out = np.zeros((len(texts), max_length), np.int32)
     for i, text in enumerate(texts):
-        ids = [*list(vocabulary.encode(text))[: max_length - 1], eos_id]
+        ids, _ = fit_text(vocabulary, text, max_length, eos_id)
         out[i, : len(ids)] = ids
     return out
 
@@ -167,7 +169,7 @@ def probe_encoder(
       vocabulary: the seqio vocabulary of the encoder's inputs.
       pairs: probe split (`code_search_pairs("validation")`).
       train_pairs: pairs the linear probe is fitted on (None: no linear probe).
-      max_length: tokens per text (longer texts are cut; EOS kept).
+      max_length: tokens per text (longer texts are cut, as in training).
       batch_size: rows per encoder call.
     Returns:
       {"ndcg@10", "recall@1", "mrr@10", "pair_accuracy"[, "linear_probe_accuracy"]}.

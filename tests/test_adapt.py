@@ -16,6 +16,7 @@ from encdec_adapt.nn import config
 from encdec_adapt.nn.config import EncoderDecoderConfig
 from encdec_adapt.nn.encdec import EncoderDecoder
 from encdec_adapt.nn.transformer import DecoderOnly
+from encdec_adapt.runtime import optim
 from encdec_adapt.storage import params_io
 from encdec_adapt.storage.params_io import CheckpointError
 
@@ -148,7 +149,7 @@ def test_warm_start_from_checkpoints_via_gin(tmp_path):
     cfg = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
     # A scoped binding: nothing leaks into other tests' gin configuration.
     with gin.unlock_config():
-        gin.parse_config(f"test_adapt/adapt.WarmStart.encoder_checkpoint = '{path}'")
+        gin.parse_config(f"test_adapt/warm_start.WarmStart.encoder_checkpoint = '{path}'")
     with gin.config_scope("test_adapt"):
         params = adapt.WarmStart()(cfg)
     want = params_io.flatten(adapt.warm_start(cfg, src))
@@ -168,23 +169,23 @@ CROSS_NORMS = ("pre_cross_norm/scale", "post_cross_norm/scale")
 
 def test_trainable_mask_selects_cross_attention():
     params = adapt.encdec_shapes(EncoderDecoderConfig(encoder=TINY, decoder=TINY))
-    flat = params_io.flatten(adapt.trainable_mask(params, train_only=[adapt.CROSS_ATTENTION]))
+    flat = params_io.flatten(optim.trainable_mask(params, train_only=[adapt.CROSS_ATTENTION]))
     assert {k for k, t in flat.items() if t} == {
         f"decoder/stack/blocks/{i}/{p}"
         for i in range(TINY.num_layers)
         for p in ("cross_attn/q", "cross_attn/k", "cross_attn/v", "cross_attn/o", *CROSS_NORMS)
     }
-    flat = params_io.flatten(adapt.trainable_mask(params, freeze=[r"encoder/.*", r".*embedder.*"]))
+    flat = params_io.flatten(optim.trainable_mask(params, freeze=[r"encoder/.*", r".*embedder.*"]))
     assert not any(t for k, t in flat.items() if k.startswith("encoder/") or "embedder" in k)
     assert flat["decoder/stack/blocks/0/mlp/up"]
     with pytest.raises(ValueError, match="matches no parameter"):
-        adapt.trainable_mask(params, freeze=["decoder/cross_attn"])
+        optim.trainable_mask(params, freeze=["decoder/cross_attn"])
     with pytest.raises(ValueError, match="invalid"):
-        adapt.trainable_mask(params, freeze=["decoder/(("])
+        optim.trainable_mask(params, freeze=["decoder/(("])
 
 
 def _run_adamw(params, mask, until_step, steps):
-    opt = adapt.freeze(optax.adamw(1e-2, weight_decay=0.1), mask, until_step=until_step)
+    opt = optim.freeze(optax.adamw(1e-2, weight_decay=0.1), mask, until_step=until_step)
     state = opt.init(params)
 
     @jax.jit
@@ -208,7 +209,7 @@ def test_frozen_parameters_are_bit_identical_after_adamw_steps():
     cfg = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
     _, src = random_decoder_only(TINY, 0)
     params = adapt.warm_start(cfg, src)
-    mask = adapt.trainable_mask(params, train_only=[adapt.CROSS_ATTENTION])
+    mask = optim.trainable_mask(params, train_only=[adapt.CROSS_ATTENTION])
     history = _run_adamw(params, mask, None, 3)
     flat0, flat3, flat_mask = (params_io.flatten(t) for t in (params, history[-1], mask))
     for name, trainable in flat_mask.items():
@@ -222,14 +223,14 @@ def test_freeze_until_step_unfreezes_after_k_updates():
     cfg = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
     _, src = random_decoder_only(TINY, 0)
     params = adapt.warm_start(cfg, src)
-    mask = adapt.trainable_mask(params, train_only=[adapt.CROSS_ATTENTION])
+    mask = optim.trainable_mask(params, train_only=[adapt.CROSS_ATTENTION])
     history = [params_io.flatten(p) for p in _run_adamw(params, mask, 2, 3)]
     frozen_name = "encoder/stack/blocks/0/mlp/gate"
     cross_name = "decoder/stack/blocks/0/cross_attn/q"
     assert same_bits(history[2][frozen_name], history[0][frozen_name])
     assert not np.array_equal(history[3][frozen_name], history[2][frozen_name])
     assert not np.array_equal(history[1][cross_name], history[0][cross_name])
-    assert 0.9 < adapt.frozen_fraction(mask, params) < 1.0
+    assert 0.9 < optim.frozen_fraction(mask, params) < 1.0
 
 
 def test_adapt_cli_writes_checkpoint_and_names_mismatches(tmp_path, capsys):

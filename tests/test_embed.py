@@ -13,6 +13,7 @@ import seqio
 import tensorflow as tf
 from flax import nnx
 
+from encdec_adapt import tasks
 from encdec_adapt.cli import main
 from encdec_adapt.evaluation import retrieval_metrics as rm
 from encdec_adapt.evaluation.bm25 import BM25, evaluate_bm25
@@ -108,7 +109,6 @@ def _pairs_dataset(split, shuffle_files=False, seed=None):
 def checkpoints(tmp_path_factory):
     """A random gemma_tiny decoder-only params checkpoint, trained-tower (dual_encoder) params
     of the same architecture, and a tiny contrastive task."""
-    from encdec_adapt.data import registry
 
     root = tmp_path_factory.mktemp("embed")
     cfg = load_preset("gemma_tiny")
@@ -123,7 +123,7 @@ def checkpoints(tmp_path_factory):
         towers, params_io.model_params(DualEncoder(towers_cfg, rngs=nnx.Rngs(1))),
         "dual_encoder", towers_cfg.to_dict(),
     )  # fmt: skip
-    registry.register_contrastive_task(
+    tasks.register_contrastive_task(
         TASK,
         seqio.FunctionDataSource(_pairs_dataset, splits=["test"]),
         query_prompt="query: ",
@@ -256,7 +256,7 @@ def test_embed_bad_inputs(checkpoints, capsys):
     bad_json = root / "bad.jsonl"
     bad_json.write_text('{"text": "fine"}\n{"body": "no text key"}\n')
     assert run_embed(f"PARAMS_FROM={towers}", f"INPUT_FILE={bad_json}", f"OUTPUT_DIR={out}") == 2
-    assert f"{bad_json}:2: no text under key 'text' (has ['body'])" in capsys.readouterr().err
+    assert f"{bad_json}:2: no key 'text' (keys: ['body'])" in capsys.readouterr().err
     missing = str(root / "missing.txt")
     assert run_embed(f"PARAMS_FROM={towers}", f"INPUT_FILE={missing}", f"OUTPUT_DIR={out}") == 2
     assert "does not exist" in capsys.readouterr().err

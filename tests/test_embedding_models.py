@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from encdec_adapt.models.contrastive import ContrastiveConfig
-from encdec_adapt.models.embedding import ClassifierModel, DualEncoderModel, _batch_axes
+from encdec_adapt.models.embedding import ClassifierModel, DualEncoderModel, batch_axes
 from encdec_adapt.nn.config import ClassifierConfig, EncoderDecoderConfig, load_preset
 from encdec_adapt.nn.dual_encoder import DualEncoderConfig
 from encdec_adapt.nn.encdec import EncoderDecoder
@@ -81,8 +81,8 @@ def test_sharded_step_equals_single_device():
     model = dual_model(de=dict(learn_temperature=True))
     batches = [pair_batch(i, negatives=0) for i in range(2)]
     t8 = _trainer(model, mesh_shape=(2, 4, 1))
-    with sharding.use_mesh(t8.mesh, t8.rules):
-        assert _batch_axes(BATCH) is not None  # the shard_map loss is the one traced
+    assert t8.model.mesh == (t8.mesh, t8.rules)
+    assert batch_axes(BATCH, t8.mesh, t8.rules) is not None  # the shard_map loss is traced
     sharded, l8, a8 = _run(t8, batches)
     one, l1, a1 = _run(single(model), batches)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)

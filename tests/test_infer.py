@@ -194,9 +194,10 @@ def write_jsonl(path, targets=False) -> list[int]:
 
 
 def expected_ids(text: str, length: int) -> list[int]:
-    """The tokens a text is fed as: its first length - 1 tokens, then EOS (1)."""
+    """The tokens a text is fed as: its ids then EOS (1), cut to the first `length` tokens (an
+    over-long text loses its EOS, as in training)."""
     vocab = input_pipeline.vocabularies("stdlib_span_corruption")["inputs"]
-    return [*list(vocab.encode(text))[: length - 1], 1]
+    return [*list(vocab.encode(text)), 1][:length]
 
 
 def padded(rows: list[list[int]], length: int) -> jnp.ndarray:

@@ -63,7 +63,7 @@ def test_freeze_gives_zero_updates_and_no_state(name):
 
 def test_train_only_is_the_complement_of_freeze():
     cfg = optim.OptimizerConfig(learning_rate=0.1, train_only=("attn",))
-    mask = optim.trainable_mask(cfg, _params())
+    mask = optim.trainable_mask(_params(), train_only=cfg.train_only, freeze=cfg.freeze)
     assert mask["stack"]["blocks"][0]["attn"]["q"]
     assert not mask["embedder"]["embedding"]
     assert not mask["stack"]["final_norm"]["scale"]

@@ -11,7 +11,8 @@ import pytest
 import seqio
 import tensorflow as tf
 
-from encdec_adapt.data import input_pipeline, registry
+from encdec_adapt import tasks
+from encdec_adapt.data import input_pipeline
 from encdec_adapt.evaluation import evaluator as evaluation
 from encdec_adapt.evaluation import retrieval_metrics as rm
 from encdec_adapt.evaluation.encode import TextEncoder
@@ -54,7 +55,7 @@ def _dataset(split, shuffle_files=False, seed=None):
 
 
 def _register(name, **kw):
-    return registry.register_contrastive_task(
+    return tasks.register_contrastive_task(
         name,
         seqio.FunctionDataSource(_dataset, splits=["train", "validation"]),
         query_prompt=QUERY_PROMPT,

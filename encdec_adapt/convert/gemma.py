@@ -8,10 +8,12 @@ and both shapes and nothing is written.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 import numpy as np
+import orbax.checkpoint as ocp
 
 from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import AttentionType, GemmaConfig
@@ -307,10 +309,6 @@ def nest_gemma_library(tree: dict) -> dict:
 
 def read_gemma_library(path: str) -> dict:
     """The nested params tree of a gemma-library (Kaggle Flax) Orbax checkpoint directory."""
-    import os
-
-    import orbax.checkpoint as ocp
-
     if not os.path.isdir(path):
         raise CheckpointError(f"{path} does not exist or is not a directory")
     try:

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import hashlib
 import os
+import pydoc_data.topics  # plain data: a dict of help texts
 import sys
 import sysconfig
 import textwrap
@@ -168,8 +169,6 @@ def extract() -> tuple[list[tuple[str, str]], list[Function]]:
                 docs.append((qualname, doc))
             if fn is not None:
                 functions.append(fn)
-    import pydoc_data.topics  # plain data: a dict of help texts
-
     for topic, text in sorted(pydoc_data.topics.topics.items()):
         docs.append((f"pydoc_data.topics.{topic}", text.strip()))
     return docs, functions

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 
+import seqio
 import tensorflow as tf
 
 from encdec_adapt.errors import ConfigError
@@ -52,7 +53,6 @@ def split_identifiers_source(
     Everything that reads the task (training, `embed`'s retrieval split, BM25) then sees the
     same texts.
     """
-    import seqio
 
     def dataset_fn(split, shuffle_files, seed=None):
         ds = source.get_dataset(split=split, shuffle=shuffle_files, seed=seed)

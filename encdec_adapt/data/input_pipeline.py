@@ -16,11 +16,24 @@ import dataclasses
 from collections.abc import Iterator
 
 import gin
-import jax
 import numpy as np
 
-from encdec_adapt import errors
+from encdec_adapt.data.jsonl_inputs import JsonlInputs, JsonlIterator
+from encdec_adapt.data.task_names import UnknownTaskError, check_task_name, vocabularies
 from encdec_adapt.errors import ConfigError
+from encdec_adapt.parallel.distributed import local_rows
+
+__all__ = [  # the task-name helpers are re-exported: callers know them from here
+    "DataConfig",
+    "JsonlInputs",
+    "SeqioIterator",
+    "SyntheticConfig",
+    "SyntheticLM",
+    "UnknownTaskError",
+    "check_task_name",
+    "make_iterator",
+    "vocabularies",
+]
 
 Batch = dict[str, np.ndarray]
 FEATURE_CONVERTERS = (
@@ -31,26 +44,6 @@ FEATURE_CONVERTERS = (
     "dual_encoder",
     "classification",
 )
-
-
-UnknownTaskError = errors.UnknownTaskError
-
-
-def check_task_name(name: str) -> None:
-    """Raises UnknownTaskError naming close matches when `name` is not a registered task."""
-    import seqio
-
-    tasks, mixtures = seqio.TaskRegistry.names(), seqio.MixtureRegistry.names()
-    if name not in tasks and name not in mixtures:
-        raise UnknownTaskError(name, tasks, mixtures)
-
-
-def _local_rows(batch_size: int) -> slice:
-    n, i = jax.process_count(), jax.process_index()
-    if batch_size % n:
-        raise ConfigError(f"global batch size {batch_size} is not divisible by {n} processes")
-    per = batch_size // n
-    return slice(i * per, (i + 1) * per)
 
 
 class SyntheticLM:
@@ -86,7 +79,7 @@ class SyntheticLM:
     def __next__(self) -> Batch:
         batch = self.global_batch(self.index)
         self.index += 1
-        rows = _local_rows(self.batch_size)
+        rows = local_rows(self.batch_size)
         return {k: v[rows] for k, v in batch.items()}
 
     def get_state(self) -> dict:
@@ -170,9 +163,9 @@ class DataConfig:
             raise ConfigError("Invalid DataConfig: " + "; ".join(problems))
 
     def converter(self):
-        import seqio
+        import seqio  # lazy on purpose: TensorFlow (synthetic runs never import it)
 
-        from encdec_adapt.data import feature_converters as fc
+        from encdec_adapt.data import feature_converters as fc  # lazy on purpose: TensorFlow
 
         if self.feature_converter == "decoder":
             return fc.DecoderOnlyConverter(pack=self.pack, length_policy=self.length_policy)
@@ -185,15 +178,6 @@ class DataConfig:
         if self.feature_converter == "encdec_kd":
             return fc.EncDecConverter(pack=False, teacher=True, length_policy=self.length_policy)
         return fc.EncDecConverter(pack=self.pack, length_policy=self.length_policy)
-
-
-def vocabularies(task: str) -> dict:
-    """The seqio vocabulary of each output feature of a task or mixture ({"inputs": ..., ...})."""
-    import seqio
-
-    check_task_name(task)
-    features = seqio.get_mixture_or_task(task).output_features
-    return {name: feature.vocabulary for name, feature in features.items()}
 
 
 class SeqioIterator:
@@ -214,7 +198,7 @@ class SeqioIterator:
             self.task_names, self.task_probs = _mixture_rates(cfg.task)
 
     def _dataset(self, name: str, seed: int):
-        import seqio
+        import seqio  # lazy on purpose: TensorFlow (synthetic runs never import it)
 
         cfg = self.cfg
         lengths = dict(cfg.task_feature_lengths)
@@ -263,7 +247,7 @@ class SeqioIterator:
                 self._it = self._build()
             batch = next(self._it)
         self.index += 1
-        rows = _local_rows(self.cfg.batch_size)
+        rows = local_rows(self.cfg.batch_size)
         return {k: np.asarray(v)[rows].astype(np.int32) for k, v in batch.items()}
 
     def get_state(self) -> dict:
@@ -277,7 +261,7 @@ class SeqioIterator:
 
 def _mixture_rates(name: str) -> tuple[list[str], np.ndarray]:
     """(task names, sampling probabilities) of a mixture; a task name is an error."""
-    import seqio
+    import seqio  # lazy on purpose: TensorFlow (synthetic runs never import it)
 
     provider = seqio.get_mixture_or_task(name)
     if not isinstance(provider, seqio.Mixture):
@@ -311,8 +295,6 @@ def make_iterator(cfg: DataConfig | SyntheticConfig):
         return SyntheticLM(cfg.batch_size, cfg.length, cfg.vocab_size, cfg.seed)
     if isinstance(cfg, DataConfig):
         return SeqioIterator(cfg)
-    from encdec_adapt.data.jsonl_inputs import JsonlInputs, JsonlIterator  # raw texts for `infer`
-
     if isinstance(cfg, JsonlInputs):
         return JsonlIterator(cfg)
     raise TypeError(f"expected a DataConfig, SyntheticConfig or JsonlInputs, got {cfg!r}")

@@ -17,8 +17,9 @@ Batches have the features of the model kind (`feature_converter`):
              continues it).
 with S = task_feature_lengths["inputs"] and T = task_feature_lengths["targets"].
 
-Nothing is cut silently: an over-long input (or target) keeps its first tokens (and its EOS) and
-is flagged and counted; an empty input becomes just EOS and is flagged (decoding starts from EOS).
+Nothing is cut silently: an over-long input (or target) keeps its first tokens and is flagged and
+counted (`token_fit.fit_ids`: the rule of training, where the cut drops the EOS); an empty input
+becomes just EOS and is flagged (decoding starts from EOS).
 The last batch is padded to `batch_size` rows (same shape: no recompilation); `batch_examples`
 says which rows are real, so padding rows are never written.
 """
@@ -28,12 +29,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import gin
 import numpy as np
 
+from encdec_adapt.data.task_names import vocabularies
+from encdec_adapt.data.token_fit import fit_ids, fit_text
 from encdec_adapt.errors import ConfigError, InputError
+from encdec_adapt.parallel.distributed import local_rows
 
 KINDS = ("encdec", "decoder")
 
@@ -111,10 +115,8 @@ class JsonlInputs:
     def vocabularies(self) -> dict:
         """{"inputs": vocabulary, "targets": vocabulary} (seqio vocabularies)."""
         if self.task:
-            from encdec_adapt.data import input_pipeline
-
-            return input_pipeline.vocabularies(self.task)
-        from encdec_adapt.data import vocab as vocab_lib
+            return vocabularies(self.task)
+        from encdec_adapt.data import vocab as vocab_lib  # lazy on purpose: seqio, TensorFlow
 
         if self.vocabulary is None:
             v = vocab_lib.embedded_vocabulary()
@@ -128,7 +130,7 @@ class Example:
     """One line of the file, tokenized.
 
     line: 1-based line number; inputs / targets: the texts as given (targets None without a
-    target key); input_ids / target_ids: the tokens fed (cut and EOS-terminated); truncated:
+    target key); input_ids / target_ids: the tokens fed (EOS-terminated unless cut); truncated:
     names of the features that were cut; empty_input: the input text had no tokens.
     """
 
@@ -141,24 +143,27 @@ class Example:
     empty_input: bool
 
 
-def _fit(ids: list[int], length: int, eos: bool, eos_id: int) -> tuple[list[int], bool]:
-    """`ids` (+ EOS) cut to `length` keeping the first tokens (and the EOS); (ids, was_cut)."""
-    room = length - 1 if eos else length
-    cut = len(ids) > room
-    ids = ids[:room]
-    return ([*ids, eos_id] if eos else ids), cut
+def read_jsonl(
+    path: str,
+    keys: Sequence[str],
+    *,
+    string_keys: Sequence[str] | None = None,
+    hints: dict[str, str] | None = None,
+) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of every non-blank line of a JSON-lines file, in order.
 
-
-def read_examples(cfg: JsonlInputs, vocabs: dict) -> list[Example]:
-    """Parses, checks and tokenizes every line of `cfg.path`; errors name the file and line."""
-    lengths = cfg.task_feature_lengths
-    eos_in, eos_out = vocabs["inputs"].eos_id, vocabs["targets"].eos_id
-    examples = []
-    with open(cfg.path, encoding="utf-8") as f:
+    Every record must be a JSON object holding `keys`; those in `string_keys` (default: all
+    of `keys`) must be strings. Anything else raises JsonlInputError naming the file and line
+    ("Invalid JSONL input PATH:LINE: ..."), with `hints[key]` appended to a missing key's
+    message (e.g. which setting names the key).
+    """
+    string_keys = keys if string_keys is None else string_keys
+    hints = hints or {}
+    with open(path, encoding="utf-8") as f:
         for number, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            where = f"Invalid JSONL input {cfg.path}:{number}"
+            where = f"Invalid JSONL input {path}:{number}"
             try:
                 record = json.loads(raw)
             except json.JSONDecodeError as e:
@@ -169,33 +174,41 @@ def read_examples(cfg: JsonlInputs, vocabs: dict) -> list[Example]:
                 raise JsonlInputError(
                     f"{where}: expected a JSON object, got {type(record).__name__}"
                 )
-            keys = [cfg.input_key] + ([cfg.target_key] if cfg.target_key else [])
             for key in keys:
                 if key not in record:
-                    raise JsonlInputError(
-                        f"{where}: no key {key!r} (keys: {sorted(record)}; set "
-                        f"JsonlInputs.{'input_key' if key == cfg.input_key else 'target_key'})"
-                    )
-                if not isinstance(record[key], str):
+                    hint = f"; {hints[key]}" if key in hints else ""
+                    raise JsonlInputError(f"{where}: no key {key!r} (keys: {sorted(record)}{hint})")
+                if key in string_keys and not isinstance(record[key], str):
                     raise JsonlInputError(
                         f"{where}: {key!r} must be a string, got {type(record[key]).__name__}"
                     )
-            text = record[cfg.input_key]
-            ids = list(vocabs["inputs"].encode(text))
-            input_ids, cut_in = _fit(ids, lengths["inputs"], cfg.add_eos, eos_in)
-            empty = not ids
-            if empty and not cfg.add_eos:
-                input_ids = [eos_in]  # decode from just EOS
-            truncated = ["inputs"] if cut_in else []
-            target, target_ids = None, []
-            if cfg.target_key:
-                target = record[cfg.target_key]
-                target_ids, cut_out = _fit(
-                    list(vocabs["targets"].encode(target)), lengths["targets"], True, eos_out
-                )
-                if cut_out:
-                    truncated.append("targets")
-            examples.append(Example(number, text, target, input_ids, target_ids, truncated, empty))
+            yield number, record
+
+
+def read_examples(cfg: JsonlInputs, vocabs: dict) -> list[Example]:
+    """Parses, checks and tokenizes every line of `cfg.path`; errors name the file and line."""
+    lengths = cfg.task_feature_lengths
+    eos_in, eos_out = vocabs["inputs"].eos_id, vocabs["targets"].eos_id
+    keys = [cfg.input_key] + ([cfg.target_key] if cfg.target_key else [])
+    hints = {cfg.input_key: "set JsonlInputs.input_key"}
+    if cfg.target_key:
+        hints[cfg.target_key] = "set JsonlInputs.target_key"
+    examples = []
+    for number, record in read_jsonl(cfg.path, keys, hints=hints):
+        text = record[cfg.input_key]
+        ids = list(vocabs["inputs"].encode(text))
+        input_ids, cut_in = fit_ids(ids, lengths["inputs"], eos_in if cfg.add_eos else None)
+        empty = not ids
+        if empty and not cfg.add_eos:
+            input_ids = [eos_in]  # decode from just EOS
+        truncated = ["inputs"] if cut_in else []
+        target, target_ids = None, []
+        if cfg.target_key:
+            target = record[cfg.target_key]
+            target_ids, cut_out = fit_text(vocabs["targets"], target, lengths["targets"], eos_out)
+            if cut_out:
+                truncated.append("targets")
+        examples.append(Example(number, text, target, input_ids, target_ids, truncated, empty))
     if not examples:
         raise JsonlInputError(f"Invalid JSONL input {cfg.path}: the file has no examples")
     return examples
@@ -270,13 +283,11 @@ class JsonlIterator:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        from encdec_adapt.data.input_pipeline import _local_rows
-
         if self.index >= self.num_batches:
             raise StopIteration
         batch = features(self.batch_examples(self.index), self.cfg)
         self.index += 1
-        rows = _local_rows(self.cfg.batch_size)
+        rows = local_rows(self.cfg.batch_size)
         return {k: v[rows] for k, v in batch.items()}
 
     def get_state(self) -> dict:

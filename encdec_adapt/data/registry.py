@@ -13,7 +13,7 @@ A source is a `seqio.DataSource`, the name of an embedded dataset (`stdlib_prose
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import seqio
 import tensorflow as tf
@@ -22,7 +22,6 @@ from encdec_adapt import errors
 from encdec_adapt.data import contrastive, corpus, prefix_lm, span_corruption, text, ul2
 from encdec_adapt.data import counters as counters_lib
 from encdec_adapt.data import vocab as vocab_lib
-from encdec_adapt.evaluation import retrieval_metrics
 
 OBJECTIVES = ("span_corruption", "prefix_lm", "prefix_lm_full", "ul2")
 
@@ -132,15 +131,15 @@ def register_contrastive_task(
     counters: counters_lib.Counters | None = None,
     tfds_data_dir: str | None = None,
     overwrite: bool = False,
-    retrieval_metric: bool = True,
+    metric_fns: Sequence[Callable] = (),
 ) -> seqio.Task:
     """Registers `name`: (query, positive[, N hard negatives]) token pairs for dual encoders.
 
-    With `retrieval_metric` (default) the task carries `retrieval_metrics.retrieval_metric_fn`,
-    so the trainer's periodic eval and `encdec-adapt eval` of an embedding model report
-    nDCG@10, Recall@1/10/100 and MRR@10 of the towers among the eval batches' documents
-    (`evaluation.embedding_task_metrics`); False: only the contrastive loss and in-batch
-    accuracy.
+    `metric_fns`: the task's (targets, predictions) metric functions; an embedding model's
+    eval calls them with the eval batches' document and query embeddings
+    (`evaluation.embedding_task_metrics`). `encdec_adapt.tasks.register_contrastive_task`
+    attaches `retrieval_metrics.retrieval_metric_fn` (nDCG@10, Recall@k, MRR@10) by default;
+    data/ does not know evaluation.
     """
     vocabulary = vocabulary or vocab_lib.embedded_vocabulary()
     features = {
@@ -163,9 +162,8 @@ def register_contrastive_task(
         functools.partial(seqio.preprocessors.tokenize, copy_pretokenized=False),
         seqio.preprocessors.append_eos,
     ]
-    metric_fns = [retrieval_metrics.retrieval_metric_fn] if retrieval_metric else []
     return _add_task(
-        name, source, tfds_data_dir, preprocessors, features, overwrite, metric_fns=metric_fns
+        name, source, tfds_data_dir, preprocessors, features, overwrite, metric_fns=list(metric_fns)
     )
 
 

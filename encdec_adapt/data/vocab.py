@@ -14,8 +14,11 @@ from __future__ import annotations
 import os
 import tempfile
 
+import sentencepiece as spm
 import seqio
+from sentencepiece import sentencepiece_model_pb2
 
+from encdec_adapt.data import corpus
 from encdec_adapt.errors import MissingFileError
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -31,8 +34,6 @@ _MAX_LINE_BYTES = 2048
 
 def _quiet_sentencepiece() -> None:
     """SentencePiece logs an INFO line each time an identity-normalised model loads."""
-    import sentencepiece as spm
-
     spm.set_min_log_level(2)
 
 
@@ -60,8 +61,6 @@ def sentinel_id(vocab: seqio.Vocabulary, i: int) -> int:
 
 def training_text() -> list[str]:
     """The lines the embedded model is trained on: train-split prose and code, in corpus order."""
-    from encdec_adapt.data import corpus
-
     docs, functions = corpus.extract()
     texts = [t for q, t in docs if corpus.split_of(q) == "train"]
     texts += [f.code for f in functions if corpus.split_of(f.qualname) == "train"]
@@ -79,8 +78,6 @@ def train_embedded(model_path: str = EMBEDDED_MODEL) -> str:
 
     Deterministic: one thread, no input sampling or shuffling, a fixed corpus order.
     """
-    import sentencepiece as spm
-
     prefix = model_path.removesuffix(".model")
     os.makedirs(os.path.dirname(os.path.abspath(model_path)), exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,8 +113,6 @@ def train_embedded(model_path: str = EMBEDDED_MODEL) -> str:
 
 def _strip_paths(model_path: str) -> None:
     """Drops the temporary paths the trainer records, so that rebuilds are byte-identical."""
-    from sentencepiece import sentencepiece_model_pb2
-
     proto = sentencepiece_model_pb2.ModelProto()
     with open(model_path, "rb") as f:
         proto.ParseFromString(f.read())

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from encdec_adapt.data.token_fit import fit_text
 from encdec_adapt.errors import ConfigError
 from encdec_adapt.nn.dual_encoder import DualEncoder
 
@@ -90,16 +91,13 @@ class TextEncoder:
             raise TypeError(f"encode expects strings, got {type(text).__name__}: {text!r}")
         if self.text_transform is not None:
             text = self.text_transform(text)
-        ids = list(self.vocabulary.encode(prompt + text)) if (prompt + text) else []
+        # ids + EOS cut to the first max_length tokens (EOS lost), exactly as the training
+        # pipeline (seqio's append_eos, then the feature converter's cut) gives the towers a
+        # long text: the project's one rule, `token_fit.fit_text`.
+        ids, cut = fit_text(self.vocabulary, prompt + text, max_length, self.eos_id)
         self.stats.texts += 1
         self.stats.empty += not text.strip()
-        ids.append(self.eos_id)
-        cut = len(ids) > max_length
-        if cut:
-            # The first max_length tokens, EOS lost, exactly as the training pipeline (seqio's
-            # append_eos, then the feature converter's cut) gives the towers a long text.
-            self.stats.truncated += 1
-            ids = ids[:max_length]
+        self.stats.truncated += cut
         return ids, cut
 
     def encode(

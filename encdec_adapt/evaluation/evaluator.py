@@ -8,39 +8,36 @@ the task's "targets" vocabulary and passed through the task's postprocessor (`is
 for targets). Both serve the trainer's periodic eval and `encdec-adapt eval`; `run_batches`,
 the fixed-shape predict / score loop, also serves `infer`.
 
-For an embedding model (one with `embed`, e.g. `DualEncoderModel`) on a contrastive task,
+For an embedding model (`model.can_embed`, e.g. `DualEncoderModel`) on a contrastive task,
 `task_metrics` is the retrieval evaluation instead (`embedding_task_metrics`): the towers embed
 the eval batches' queries and positives, and the task's (targets, predictions) metric functions
-(`retrieval_metrics.retrieval_metric_fn`, attached by `registry.register_contrastive_task`) get
+(`retrieval_metrics.retrieval_metric_fn`, attached by `tasks.register_contrastive_task`) get
 targets = document embeddings, predictions = query embeddings.
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from encdec_adapt.data import input_pipeline
+from encdec_adapt.data.jsonl_inputs import JsonlIterator
 from encdec_adapt.errors import ConfigError, InputError
-from encdec_adapt.models.generative import summarize
+from encdec_adapt.models.base import summarize
 from encdec_adapt.parallel import sharding
 
 
 def loss_metrics(trainer, params, data_cfg, num_batches: int | None) -> dict[str, float]:
     """Per-token means (loss, accuracy, ...) over `num_batches` batches of `data_cfg` (or one
     pass when None)."""
-    it = input_pipeline.make_iterator(data_cfg)
     totals: dict[str, float] = {}
-    for i, local in enumerate(it):
-        if num_batches is not None and i >= num_batches:
-            break
-        sums = jax.device_get(
-            trainer.eval_step(params, trainer.shard_batch(_pad_rows(local, data_cfg)[0]))
-        )
+    for _, batch, _ in batches(trainer, data_cfg, num_batches):
+        sums = jax.device_get(trainer.eval_step(params, batch))
         for k, v in sums.items():
             totals[k] = totals.get(k, 0.0) + float(v)
     if not totals:
@@ -122,9 +119,36 @@ def to_host(x) -> np.ndarray:
             return x
     elif x.is_fully_addressable or x.is_fully_replicated:
         return np.asarray(x)
-    from jax.experimental import multihost_utils
-
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def batches(
+    trainer,
+    data_cfg,
+    num_batches: int | None = None,
+    *,
+    iterator: Any = None,
+    select: Callable[[int, dict], dict] | None = None,
+) -> Iterator[tuple[int, dict[str, jax.Array], np.ndarray]]:
+    """The one evaluation batch loop: (index, global batch, valid [B] bool) of every batch of
+    `data_cfg` (or of `iterator`), in order, stopping after `num_batches` (None: one pass).
+
+    Every batch has one shape (no recompilation): a short last batch is padded with all-zero
+    rows, which are not valid (nor are the rows a JSONL file pads its last batch with).
+    `select(index, local batch)` picks (and checks) the features to feed.
+    """
+    it = input_pipeline.make_iterator(data_cfg) if iterator is None else iterator
+    for i, local in enumerate(it):
+        if num_batches is not None and i >= num_batches:
+            break
+        if select is not None:
+            local = select(i, local)
+        local, valid = _pad_rows(local, data_cfg)
+        batch = trainer.shard_batch(local)
+        valid = to_host(valid)
+        if isinstance(it, JsonlIterator):  # a JSONL file pads its last batch itself
+            valid = valid & (np.arange(len(valid)) < len(it.batch_examples(i)))
+        yield i, batch, valid
 
 
 def run_batches(
@@ -146,14 +170,9 @@ def run_batches(
       score: the targets' log-likelihood (needs targets in the batch).
       num_batches: stop after this many batches (None: one pass).
     """
-    it = input_pipeline.make_iterator(data_cfg) if iterator is None else iterator
     predict_fn = _compiled(trainer, "predict", decode_cfg) if predict else None
     score_fn = _compiled(trainer, "score") if score else None
-    for i, local in enumerate(it):
-        if num_batches is not None and i >= num_batches:
-            break
-        local, valid = _pad_rows(local, data_cfg)
-        batch = trainer.shard_batch(local)
+    for i, batch, valid in batches(trainer, data_cfg, num_batches, iterator=iterator):
         tokens = scores = log_likelihood = None
         with sharding.use_mesh(trainer.mesh, trainer.rules):
             if predict_fn is not None:
@@ -164,9 +183,6 @@ def run_batches(
             if score_fn is not None:
                 log_likelihood = to_host(score_fn(params, batch))
         features = {k: to_host(v) for k, v in batch.items()}
-        valid = to_host(valid)
-        if hasattr(it, "batch_examples"):  # a JSONL file pads its last batch itself
-            valid = valid & (np.arange(len(valid)) < len(it.batch_examples(i)))
         yield BatchResult(i, valid, features, tokens, scores, log_likelihood)
 
 
@@ -203,13 +219,22 @@ def target_ids(features: dict[str, np.ndarray], row: int, eos_id: int) -> list[i
     return until_eos(tokens, eos_id)
 
 
+def target_length(features: dict[str, np.ndarray], row: int) -> int:
+    """The number of target positions of a row that are scored (loss-weighted, or non-padding
+    without loss weights): its target tokens and, unless the target was cut, its EOS."""
+    weights = features.get("decoder_loss_weights")
+    if weights is None:
+        return int(np.count_nonzero(features["decoder_target_tokens"][row]))
+    return int(np.count_nonzero(weights[row]))
+
+
 # ---- the task's metric functions --------------------------------------------------------------
 
 
 def metric_task(data_cfg):
     """The seqio Task of a DataConfig when it has metric functions, else None (mixtures: None,
     seqio evaluates their tasks one by one)."""
-    import seqio
+    import seqio  # lazy on purpose: TensorFlow (synthetic-data evals never import it)
 
     name = getattr(data_cfg, "task", None)
     if not isinstance(data_cfg, input_pipeline.DataConfig) or not name:
@@ -240,14 +265,14 @@ def task_metrics(
     """The task's metric functions on `num_batches` batches of `data_cfg` (None: one pass).
 
     Predict metrics run only with a `decode_cfg` (decoding costs time); score metrics always.
-    Returns {} when the task has none of them. An embedding model (`is_embedding_model`) runs
+    Returns {} when the task has none of them. An embedding model (`model.can_embed`) runs
     `embedding_task_metrics` instead (retrieval over the eval batches; `decode_cfg` and `seed`
     do not apply).
     """
     task = metric_task(data_cfg)
     if task is None:
         return {}
-    if is_embedding_model(trainer.model):
+    if trainer.model.can_embed:
         return embedding_task_metrics(trainer, params, data_cfg, task, num_batches)
     predict_fns = list(task.predict_metric_fns) if decode_cfg is not None else []
     score_fns = list(task.score_metric_fns)
@@ -289,11 +314,6 @@ def task_metrics(
 EMBED_FEATURES = ("query_tokens", "positive_tokens")
 
 
-def is_embedding_model(model) -> bool:
-    """A model with `embed` (towers that map tokens to embeddings, e.g. DualEncoderModel)."""
-    return callable(getattr(model, "embed", None))
-
-
 class EmbeddedRows(NamedTuple):
     """The valid rows of the eval batches, in order (padding rows of a short last batch left
     out): queries [N, E] and positives [N, E] as the towers embed them, and the positives'
@@ -310,10 +330,8 @@ def embed_batches(trainer, params, data_cfg, num_batches: int | None = None) -> 
     is padded with all-zero rows, which are dropped)."""
     embed = _compiled(trainer, "embed")
     queries, documents, tokens = [], [], []
-    it = input_pipeline.make_iterator(data_cfg)
-    for i, local in enumerate(it):
-        if num_batches is not None and i >= num_batches:
-            break
+
+    def select(i, local):
         missing = [k for k in EMBED_FEATURES if k not in local]
         if missing:
             raise ConfigError(
@@ -321,11 +339,12 @@ def embed_batches(trainer, params, data_cfg, num_batches: int | None = None) -> 
                 f"{EMBED_FEATURES} (feature_converter='dual_encoder'); batch {i} of "
                 f"{data_cfg} has {sorted(local)}"
             )
-        local, valid = _pad_rows({k: local[k] for k in EMBED_FEATURES}, data_cfg)
-        batch = trainer.shard_batch(local)
+        return {k: local[k] for k in EMBED_FEATURES}
+
+    for _, batch, valid in batches(trainer, data_cfg, num_batches, select=select):
         with sharding.use_mesh(trainer.mesh, trainer.rules):
             q, d = embed(params, batch)
-        rows = np.flatnonzero(to_host(valid))
+        rows = np.flatnonzero(valid)
         queries.append(to_host(q)[rows])
         documents.append(to_host(d)[rows])
         tokens.append(to_host(batch["positive_tokens"])[rows])

@@ -182,7 +182,7 @@ def retrieval_metric_fn(targets, predictions) -> dict[str, float]:
     document shared by several queries is one corpus entry relevant to each of them); queries
     rank it by cosine similarity. Returns nDCG@10, Recall@1/10/100 and MRR@10.
 
-    `registry.register_contrastive_task` attaches it to contrastive tasks; the trainer's
+    `tasks.register_contrastive_task` attaches it to contrastive tasks; the trainer's
     periodic eval and `encdec-adapt eval` of an embedding model call it on the eval batches'
     embeddings (`evaluation.embedding_task_metrics`).
     """

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from encdec_adapt.errors import ConfigError
+from encdec_adapt.nn.transformer import init_cache
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
 NEG_INF = -1.0e7  # finite, so that inf - inf never appears in beam bookkeeping
@@ -283,8 +284,6 @@ def decoder_only_start(
     Returns:
       (step_fn, init_logits [B, V], state) for `decode`.
     """
-    from encdec_adapt.nn.transformer import init_cache
-
     b, p = prompts.shape
     segment_ids = (jnp.arange(p)[None, :] < prompt_lengths[:, None]).astype(jnp.int32)
     cache = init_cache(model.config, b, p + max_decode_len)

@@ -25,13 +25,13 @@ import numpy as np
 from flax import nnx
 
 from encdec_adapt.errors import ConfigError
+from encdec_adapt.models.base import BaseModel, Batch, Metrics
 from encdec_adapt.models.contrastive import (
     ContrastiveConfig,
     contrastive_loss,
     l2_normalize,
     sharded_contrastive_loss,
 )
-from encdec_adapt.models.generative import BaseModel, Batch, Metrics
 from encdec_adapt.nn.classifier import Classifier, warm_start_classifier
 from encdec_adapt.nn.config import ClassifierConfig
 from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig, warm_start_dual_encoder
@@ -54,13 +54,11 @@ def encoder_flops_per_token(c, length: int) -> float:
     return c.num_layers * (6 * (attn + ffw) + 12 * c.num_heads * c.head_dim * length)
 
 
-def _batch_axes(rows: int) -> tuple[Any, tuple[str, ...]] | None:
-    """(mesh, mesh axes) that shard `rows` batch rows in the active `sharding.use_mesh`, or None
-    when the batch is not split (no mesh, one batch shard, or rows not divisible)."""
-    current = sharding.active()  # the trainer traces its steps inside use_mesh
-    if current is None:
+def batch_axes(rows: int, mesh: Any, rules: Any) -> tuple[Any, tuple[str, ...]] | None:
+    """(mesh, mesh axes) that shard `rows` batch rows on `mesh` with `rules`, or None when the
+    batch is not split (no mesh, one batch shard, or rows not divisible)."""
+    if mesh is None:
         return None
-    mesh, rules = current
     spec = sharding.logical_to_spec(("activation_batch",), (rows,), mesh, rules)[0]
     if spec is None:
         return None
@@ -99,14 +97,19 @@ class DualEncoderModel(BaseModel):
         activations, takes the loss gradient with respect to the embeddings, then re-embeds
         chunk by chunk to backpropagate (GradCache): memory of one chunk, gradients of the full
         batch. 0: one plain forward / backward.
+      mesh: (mesh, rules) the loss's batch is split over; set by the trainer (`on_mesh`), not
+        in gin. None: one unsplit batch (`contrastive_loss`).
     """
 
     config: DualEncoderConfig = None
     loss: ContrastiveConfig = ContrastiveConfig()  # noqa: RUF009 - frozen
     grad_cache_chunk: int = 0
+    mesh: tuple[Any, Any] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     model_type = DUAL_ENCODER
     features = ("query_tokens", "positive_tokens", "negative_tokens")
+    can_embed = True
+    can_score = False
 
     def __post_init__(self):
         if not isinstance(self.config, DualEncoderConfig):
@@ -125,6 +128,10 @@ class DualEncoderModel(BaseModel):
 
     def build(self, rngs: nnx.Rngs) -> DualEncoder:
         return DualEncoder(self.config, rngs=rngs)
+
+    def on_mesh(self, mesh, rules) -> DualEncoderModel:
+        """A copy whose loss sees the global batch split over `mesh` (the sharded loss)."""
+        return dataclasses.replace(self, mesh=(mesh, rules))
 
     def config_dict(self) -> dict:
         return self.config.to_dict()
@@ -159,7 +166,7 @@ class DualEncoderModel(BaseModel):
 
     def _loss(self, q, p, n, temperature, valid) -> tuple[jax.Array, dict]:
         """Mean loss over the valid rows of the global batch (contrastive + spread-out)."""
-        axes = _batch_axes(q.shape[0])
+        axes = batch_axes(q.shape[0], *(self.mesh or (None, None)))
         fn = contrastive_loss if axes is None else sharded_contrastive_loss(*axes)
         return fn(q, p, self.loss, negatives=n, temperature=temperature, valid=valid)
 
@@ -335,6 +342,7 @@ class ClassifierModel(BaseModel):
 
     model_type = CLASSIFIER
     features = ("encoder_input_tokens", "labels")
+    can_score = False  # class logits, not target tokens
 
     def __post_init__(self):
         if not isinstance(self.config, ClassifierConfig):

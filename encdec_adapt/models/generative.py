@@ -1,15 +1,11 @@
-"""The t5x-style model API: what a network computes for training, evaluation and scoring.
+"""The generative models: decoder-only LM, T5Gemma encoder-decoder, and PrefixLM distillation.
 
-A *model* (this module) wraps a *network* (an nnx.Module such as `transformer.DecoderOnly`) and
-knows its batch features, its loss and its metrics. It holds no parameters and no optimizer:
-`trainer.py` owns the state, `optim.py` the updates. Metrics are returned as float32 *sums*
-(loss_sum, weight, correct, ...) so that they add across micro-batches, steps and hosts;
-`summarize` turns sums into means.
+Each is a `base.BaseModel` (the model API every runtime component calls) around a network (an
+nnx.Module such as `transformer.DecoderOnly`).
 """
 
 from __future__ import annotations
 
-import abc
 import dataclasses
 from typing import Any
 
@@ -20,149 +16,10 @@ from flax import nnx
 
 from encdec_adapt.errors import ConfigError
 from encdec_adapt.models import decoding, losses
-from encdec_adapt.nn.config import GemmaConfig
-from encdec_adapt.nn.transformer import DecoderOnly, apply_scan
-
-Batch = dict[str, jax.Array]
-Metrics = dict[str, jax.Array]
-
-
-def summarize(sums: dict[str, Any]) -> dict[str, float]:
-    """Sums from `loss_fn` / `eval_fn` -> per-token means (loss, z_loss, accuracy) and counts."""
-    w = max(float(sums["weight"]), 1e-9)
-    out = {"loss": float(sums["loss_sum"]) / w, "accuracy": float(sums["correct"]) / w}
-    if "z_loss_sum" in sums:
-        out["z_loss"] = float(sums["z_loss_sum"]) / w
-    if "kd_sum" in sums:
-        out["kd_loss"] = float(sums["kd_sum"]) / w
-    out["tokens"] = float(sums["weight"])
-    return out
-
-
-def decoder_weights(batch: Batch) -> Any:
-    """[B, T] loss weights of the decoder targets: the batch's `decoder_loss_weights`, or (when the
-    feature converter wrote none) the non-padding target tokens. Works on jax and numpy batches."""
-    weights = batch.get("decoder_loss_weights")
-    if weights is None:
-        weights = batch["decoder_target_tokens"] > 0
-    return weights
-
-
-class BaseModel(abc.ABC):
-    """The model API; subclasses are frozen dataclasses configured by gin.
-
-    Attributes every subclass has: config (the network's architecture), z_loss,
-    label_smoothing.
-    """
-
-    model_type: str = ""
-    #: batch features the network reads, each int32 [B, L]
-    features: tuple[str, ...] = ()
-
-    @abc.abstractmethod
-    def build(self, rngs: nnx.Rngs) -> nnx.Module:
-        """A freshly initialised network."""
-
-    @abc.abstractmethod
-    def logits(self, module: nnx.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
-        """[B, T, V] logits predicting `decoder_target_tokens`."""
-
-    def config_dict(self) -> dict:
-        """What `params_io` writes to model.json (rebuilds the network)."""
-        return self.config.to_dict()
-
-    def flops_per_token(self, lengths: dict[str, int]) -> float:
-        """Training FLOPs (forward + backward) per target token, for MFU."""
-        raise NotImplementedError
-
-    def loss_weight(self, batch: Batch) -> jax.Array:
-        """float32 scalar the trainer divides the summed loss of a global batch by (also across
-        micro-batches): the sum of the decoder loss weights (target tokens) by default."""
-        return jnp.sum(decoder_weights(batch).astype(jnp.float32))
-
-    def count_tokens(self, batch: dict[str, Any]) -> int:
-        """Tokens of one host batch (numpy), for the tokens/s log: the target tokens by default."""
-        return int(decoder_weights(batch).sum())
-
-    def warm_start_params(self, source: Any, source_type: str, fresh: Any) -> Any | None:
-        """This model's parameters initialised from a params checkpoint of another model type.
-
-        Args:
-          source: the checkpoint's nested parameter dict (host arrays).
-          source_type: its model.json model_type ("decoder_only", "encoder_decoder", ...).
-          fresh: this model's freshly initialised parameters (for what the source lacks).
-        Returns:
-          a parameter tree like `fresh`, or None: the checkpoint is read as this model's own
-          layout (names and shapes checked, the clear error on a mismatch).
-        """
-        return None
-
-    def token_loss(
-        self, module: nnx.Module, batch: Batch, rng: jax.Array | None
-    ) -> tuple[losses.TokenLoss, jax.Array]:
-        logits = self.logits(module, batch, rng)
-        weights = decoder_weights(batch)
-        tl = losses.cross_entropy(
-            logits,
-            batch["decoder_target_tokens"],
-            weights,
-            z_loss=self.z_loss,
-            label_smoothing=self.label_smoothing,
-        )
-        return tl, logits
-
-    def loss_fn(
-        self,
-        module: nnx.Module,
-        batch: Batch,
-        rng: jax.Array | None,
-        normalizer: jax.Array | float | None = None,
-    ) -> tuple[jax.Array, Metrics]:
-        """(scalar loss to differentiate, metric sums).
-
-        Args:
-          normalizer: the loss is sum / normalizer; default: the sum of loss weights of `batch`.
-            Gradient accumulation passes the weight of the whole batch, so that micro-batch
-            gradients add up to the full-batch gradient.
-        """
-        tl, _ = self.token_loss(module, batch, rng)
-        if normalizer is None:
-            normalizer = jnp.maximum(tl.weight, 1.0)
-        metrics = {
-            "loss_sum": tl.loss,
-            "z_loss_sum": tl.z_loss,
-            "weight": tl.weight,
-            "correct": tl.correct,
-        }
-        return tl.loss / normalizer, metrics
-
-    def eval_fn(self, module: nnx.Module, batch: Batch) -> Metrics:
-        """Metric sums without dropout, label smoothing or z-loss."""
-        logits = self.logits(module, batch, None)
-        weights = decoder_weights(batch)
-        tl = losses.cross_entropy(logits, batch["decoder_target_tokens"], weights)
-        return {"loss_sum": tl.loss, "weight": tl.weight, "correct": tl.correct}
-
-    def predict_batch(
-        self,
-        module: nnx.Module,
-        batch: Batch,
-        decode_cfg: decoding.DecodeConfig,
-        rng: jax.Array | None = None,
-    ) -> decoding.Decoded:
-        """Generated target tokens [B, L] (or [B, beams, L]) and their scores."""
-        raise NotImplementedError(
-            f"{type(self).__name__} has no predict_batch; score with infer.mode='score'"
-        )
-
-    def score_batch(self, module: nnx.Module, batch: Batch) -> jax.Array:
-        """[B] sum of target-token log-likelihoods (weighted by the loss weights)."""
-        logits = self.logits(module, batch, None).astype(jnp.float32)
-        targets = batch["decoder_target_tokens"]
-        weights = batch.get("decoder_loss_weights", targets > 0).astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
-        token = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-        return jnp.sum(token * weights, axis=-1)
+from encdec_adapt.models.base import BaseModel, Batch, decoder_weights
+from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
+from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.nn.transformer import Block, DecoderOnly, apply_scan
 
 
 def _check_number(owner: str, name: str, value: Any, low: float, high: float) -> None:
@@ -203,8 +60,6 @@ def apply_remat(module: nnx.Module, policy_name: str) -> nnx.Module:
     """Rematerialises every transformer block of `module` (activation memory of one block per
     layer instead of all its intermediates), in place. Parameters are untouched, so a remat and
     a plain model share checkpoints."""
-    from encdec_adapt.nn.transformer import Block
-
     if policy_name not in REMAT_POLICIES:
         raise ConfigError(f"remat={policy_name!r} (expected one of {sorted(REMAT_POLICIES)})")
     if policy_name == "none":
@@ -243,6 +98,7 @@ class DecoderOnlyModel(BaseModel):
 
     model_type = "decoder_only"
     features = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+    can_predict = True
 
     def __post_init__(self):
         if not isinstance(self.config, GemmaConfig):
@@ -320,10 +176,9 @@ class EncoderDecoderModel(BaseModel):
         "decoder_target_tokens",
         "decoder_loss_weights",
     )
+    can_predict = True
 
     def __post_init__(self):
-        from encdec_adapt.nn.config import EncoderDecoderConfig
-
         if not isinstance(self.config, EncoderDecoderConfig):
             raise ConfigError(
                 f"EncoderDecoderModel.config must be an EncoderDecoderConfig (e.g. %MODEL_CONFIG "
@@ -337,8 +192,6 @@ class EncoderDecoderModel(BaseModel):
             )
 
     def build(self, rngs: nnx.Rngs) -> nnx.Module:
-        from encdec_adapt.nn.encdec import EncoderDecoder
-
         net = apply_remat(EncoderDecoder(self.config, rngs=rngs), self.remat)
         return apply_scan(net, self.scan_layers)
 
@@ -418,6 +271,8 @@ class DistillationModel(BaseModel):
 
     model_type = "distillation"
     frozen_patterns = ("^teacher/",)
+    teacher_subtree = "teacher"
+    warm_start_subtree = "student"
 
     def __post_init__(self):
         if not isinstance(self.student, EncoderDecoderModel):
@@ -448,6 +303,17 @@ class DistillationModel(BaseModel):
 
     def build(self, rngs: nnx.Rngs) -> _Pair:
         return _Pair(self.student.build(rngs), self.teacher.build(rngs))
+
+    def submodel(self, name: str) -> BaseModel:
+        if name == "student":
+            return self.student
+        if name == "teacher":
+            return self.teacher
+        return super().submodel(name)
+
+    def export(self, params):
+        """The student (the model that was trained) and its parameters."""
+        return self.student, params["student"]
 
     def logits(self, module: _Pair, batch: Batch, rng: jax.Array | None) -> jax.Array:
         return self.student.logits(module.student, batch, rng)

@@ -1,4 +1,4 @@
-"""Warm-starting an EncoderDecoder from decoder-only checkpoints (T5Gemma), and freezing parameters.
+"""Warm-starting an EncoderDecoder from decoder-only checkpoints (T5Gemma).
 
 Warm starts work on parameter trees (the nested dicts of `params_io.model_params` or
 `params_io.load`) and never build the full model, so 9B-scale trees are handled by reference:
@@ -8,8 +8,8 @@ Warm starts work on parameter trees (the nested dicts of `params_io.model_params
               self-attention (and the pre/post attention norms).
   unbalanced  (9B-2B): encoder from the large checkpoint, decoder from the small one; the
               cross-attention is random (its K/V read the encoder width) and its norms zero, and
-              a run trains it alone first (`trainable_mask(train_only=CROSS_ATTENTION)` with
-              `freeze(..., until_step=K)`).
+              a run trains it alone first (`OptimizerConfig(train_only=(CROSS_ATTENTION,),
+              unfreeze_at_step=K)`: `optim.trainable_mask` and `optim.freeze`).
 
 The encoder's subtree has the layout of a `DecoderOnly` tree, so an encoder warm start is a copy
 (the source's `lm_head`, if untied, is dropped); the decoder's is too, plus the cross-attention.
@@ -19,15 +19,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
-from collections.abc import Sequence
 from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 from flax import nnx
 
 from encdec_adapt.errors import ConfigError
@@ -236,85 +232,3 @@ class WarmStart:
             seed=self.seed,
             sources=(self.encoder_checkpoint, self.decoder_checkpoint or self.encoder_checkpoint),
         )
-
-
-# ---- freezing ------------------------------------------------------------------------------------
-
-
-def trainable_mask(
-    params: PyTree,
-    *,
-    train_only: Sequence[str] | None = None,
-    freeze: Sequence[str] = (),
-) -> PyTree:
-    """Boolean tree, True where a parameter is trained, from regexes over flat paths.
-
-    Paths are `params_io.flatten` names such as `decoder/stack/blocks/3/cross_attn/q`; a regex
-    matches anywhere in the path (`re.search`, as `optim.OptimizerConfig.freeze`). A parameter is
-    trainable when it matches one of `train_only` (all parameters when None) and none of
-    `freeze`. Every regex must match at least one path, so a typo fails loudly instead of
-    silently training everything.
-    """
-    flat = params_io.flatten(params)
-    compiled = {}
-    for p in list(train_only or ()) + list(freeze):
-        try:
-            compiled[p] = re.compile(p)
-        except re.error as e:
-            raise ConfigError(f"freezing regex {p!r} is invalid: {e}") from e
-        if not any(compiled[p].search(name) for name in flat):
-            raise ConfigError(
-                f"freezing regex {p!r} matches no parameter (e.g. {next(iter(flat))})"
-            )
-
-    def trainable(name: str) -> bool:
-        if train_only is not None and not any(compiled[p].search(name) for p in train_only):
-            return False
-        return not any(compiled[p].search(name) for p in freeze)
-
-    return params_io.unflatten({name: trainable(name) for name in flat})
-
-
-def _after(inner: optax.GradientTransformation, num_steps: int) -> optax.GradientTransformation:
-    """`inner` from step `num_steps` on; zero updates (and untouched inner state) before."""
-
-    def init_fn(params):
-        return {"count": jnp.zeros((), jnp.int32), "inner": inner.init(params)}
-
-    def update_fn(updates, state, params=None):
-        def frozen(_):
-            return jax.tree.map(jnp.zeros_like, updates), state["inner"]
-
-        def active(_):
-            return inner.update(updates, state["inner"], params)
-
-        new_updates, inner_state = jax.lax.cond(state["count"] >= num_steps, active, frozen, None)
-        count = jnp.minimum(state["count"] + 1, jnp.iinfo(jnp.int32).max)
-        return new_updates, {"count": count, "inner": inner_state}
-
-    return optax.GradientTransformation(init_fn, update_fn)
-
-
-def freeze(
-    optimizer: optax.GradientTransformation, mask: PyTree, *, until_step: int | None = None
-) -> optax.GradientTransformation:
-    """Wraps `optimizer` so that parameters where `mask` is False get exactly zero updates.
-
-    With `until_step=K` they are frozen for the first K updates only, then trained by a fresh
-    copy of `optimizer` (its moments and schedules start at step K). The frozen parameters hold
-    no optimizer state while permanently frozen, and weight decay never touches them.
-    """
-    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
-    if until_step is None:
-        frozen = optax.set_to_zero()
-    else:
-        frozen = _after(optimizer, until_step)
-    return optax.multi_transform({"train": optimizer, "frozen": frozen}, labels)
-
-
-def frozen_fraction(mask: PyTree, params: PyTree) -> float:
-    """Share of parameter elements (not tensors) that `mask` freezes."""
-    sizes = jax.tree.map(lambda m, p: (int(np.prod(np.shape(p))), bool(m)), mask, params)
-    leaves = jax.tree.leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
-    total = sum(n for n, _ in leaves)
-    return sum(n for n, t in leaves if not t) / max(total, 1)

@@ -61,3 +61,13 @@ def initialize(
         coordinator_address=address, num_processes=int(num), process_id=int(pid)
     )
     return True
+
+
+def local_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch of `batch_size` rows (the `process_index()`-th of
+    `process_count()` equal slices); raises ConfigError when they do not divide it."""
+    n, i = jax.process_count(), jax.process_index()
+    if batch_size % n:
+        raise ConfigError(f"global batch size {batch_size} is not divisible by {n} processes")
+    per = batch_size // n
+    return slice(i * per, (i + 1) * per)

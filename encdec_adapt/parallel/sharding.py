@@ -20,6 +20,7 @@ import gin
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from encdec_adapt.errors import ConfigError
@@ -81,8 +82,6 @@ class MeshRules:
                 f"{len(devices)} are available"
             )
         if self.dcn_mesh_shape is not None:
-            from jax.experimental import mesh_utils
-
             ici = [s // d for s, d in zip(shape, self.dcn_mesh_shape)]
             grid = mesh_utils.create_hybrid_device_mesh(ici, list(self.dcn_mesh_shape), devices)
         else:

@@ -9,7 +9,8 @@ manager opens). A finished step can still be damaged afterwards (disk full, a fi
 hand, a copy interrupted): `restore_latest` then moves the bad step aside to
 MODEL_DIR/checkpoints_corrupt/<step>, says so, and restores the previous good step.
 
-Warm starts (parameters only, e.g. from `import-hf`) are `params_io`'s business, not this module's.
+Warm starts (parameters only, e.g. from `import-hf`) are `params_io`'s business, not this module's;
+`restore_run_params` reads the parameters of one step of a run (export, eval, infer, embed).
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from typing import Any
 import gin
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from encdec_adapt.errors import CheckpointError, ConfigError
+from encdec_adapt.errors import ConfigError, MissingFileError
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +56,24 @@ class CheckpointConfig:
             raise ConfigError(f"CheckpointConfig.keep={self.keep!r} must be None or an int >= 1")
 
 
-class Checkpointer:
-    """Saves and restores (train state, data iterator position) under `model_dir`."""
+class MissingCheckpointError(MissingFileError):
+    """No training checkpoint (or not the step asked for); the message names the directory."""
 
-    def __init__(self, model_dir: str, cfg: CheckpointConfig):
+
+class Checkpointer:
+    """Saves and restores (train state, data iterator position) under `model_dir`.
+
+    `read_only`: open an existing run to read it (no directory created, no temporary directory
+    cleaned up, no save); raises MissingCheckpointError when the run has no checkpoints/.
+    """
+
+    def __init__(self, model_dir: str, cfg: CheckpointConfig, *, read_only: bool = False):
         self.cfg = cfg
+        self.read_only = read_only
         self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
         self.corrupt_dir = os.path.join(os.path.abspath(model_dir), "checkpoints_corrupt")
+        if read_only and not os.path.isdir(self.directory):
+            raise MissingCheckpointError(f"no training checkpoint in {self.directory}")
         self._open()
 
     def _open(self):
@@ -68,8 +81,9 @@ class Checkpointer:
             max_to_keep=self.cfg.keep,
             save_interval_steps=self.cfg.save_interval_steps,
             enable_async_checkpointing=self.cfg.async_save,
-            create=True,
-            cleanup_tmp_directories=True,
+            create=not self.read_only,
+            cleanup_tmp_directories=not self.read_only,
+            read_only=self.read_only,
         )
         self.manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "data")
@@ -116,8 +130,11 @@ class Checkpointer:
         so any optimizer configuration reads any training checkpoint."""
         steps = self.all_steps()
         if not steps:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        step = steps[-1] if step is None else step
+            raise MissingCheckpointError(f"no training checkpoint in {self.directory}")
+        if step is None:
+            step = steps[-1]
+        elif step not in steps:
+            raise MissingCheckpointError(f"step {step} is not in {self.directory} (steps: {steps})")
         item = {"params": abstract_params}
         restored = self.manager.restore(
             step,
@@ -163,7 +180,26 @@ class Checkpointer:
             shutil.rmtree(target, ignore_errors=True)
             shutil.move(os.path.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
             multihost_utils.sync_global_devices(f"quarantine_{step}")
         self._open()
+
+
+def restore_run_params(
+    model_dir: str, abstract_params: Any, step: int | None = None
+) -> tuple[Any, int]:
+    """(parameters, step) of `step` (default: the newest) of the training run in `model_dir`.
+
+    The run's checkpoints are opened read-only and closed again; only the parameters are read,
+    laid out as `abstract_params` (ShapeDtypeStructs with shardings, e.g.
+    `Trainer.abstract_state().params`), so any optimizer configuration reads any run.
+    Raises MissingCheckpointError (no checkpoint, or no such step).
+    """
+    ckpt = Checkpointer(model_dir, CheckpointConfig(async_save=False), read_only=True)
+    try:
+        steps = ckpt.all_steps()
+        if not steps:
+            raise MissingCheckpointError(f"no training checkpoint in {ckpt.directory}")
+        step = steps[-1] if step is None else step
+        return ckpt.restore_params(abstract_params, step), step
+    finally:
+        ckpt.close()

@@ -31,17 +31,20 @@ from collections.abc import Sequence
 
 import gin
 import numpy as np
+import seqio
 from flax import nnx
 
-# At import: its gin configurables cannot register once the config is locked (during embed).
-from encdec_adapt.data import input_pipeline
+from encdec_adapt.data import contrastive, identifiers, input_pipeline, registry
+from encdec_adapt.data.counters import Counters
+from encdec_adapt.data.jsonl_inputs import read_jsonl
 from encdec_adapt.errors import CheckpointError, ConfigError, InputError, MissingFileError
 from encdec_adapt.evaluation.bm25 import evaluate_bm25
 from encdec_adapt.evaluation.encode import EncodeStats, TextEncoder
 from encdec_adapt.evaluation.retrieval_metrics import METRICS, RetrievalSplit
-from encdec_adapt.models.generative import BaseModel
+from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
+from encdec_adapt.runtime.trainer import Trainer
 from encdec_adapt.storage import params_io
 
 SIDES = ("query", "document")
@@ -62,32 +65,18 @@ def read_texts(path: str, text_key: str = "text", id_key: str | None = None):
     under `text_key` (and an id under `id_key`; default id: the line number, from 1).
 
     Plain text keeps empty lines as empty texts (they are embedded and counted); blank lines of
-    a JSONL file are not records and are skipped. Errors name the file and line.
+    a JSONL file are not records and are skipped. Errors name the file and line
+    (`jsonl_inputs.read_jsonl`).
     """
     if not os.path.isfile(path):
         raise MissingFileError(f"embed: input file {path!r} does not exist")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
     if not path.endswith((".jsonl", ".json")):
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
         return lines, list(range(1, len(lines) + 1))
+    keys = [text_key] + ([id_key] if id_key is not None else [])
     texts, ids = [], []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{number}: not valid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or text_key not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise InputError(f"{path}:{number}: no text under key {text_key!r} (has {keys})")
-        if not isinstance(record[text_key], str):
-            raise InputError(
-                f"{path}:{number}: {text_key!r} is a {type(record[text_key]).__name__}, "
-                "not a string"
-            )
-        if id_key is not None and id_key not in record:
-            raise InputError(f"{path}:{number}: no id under key {id_key!r} (has {sorted(record)})")
+    for number, record in read_jsonl(path, keys, string_keys=[text_key]):
         texts.append(record[text_key])
         ids.append(record[id_key] if id_key is not None else number)
     return texts, ids
@@ -96,15 +85,10 @@ def read_texts(path: str, text_key: str = "text", id_key: str | None = None):
 def retrieval_split(task: str, split: str = "test") -> RetrievalSplit:
     """The retrieval evaluation set of a contrastive seqio task's split (raw texts + prompts).
 
-    The task must be registered with `registry.register_contrastive_task` (its first
+    The task must be registered with `register_contrastive_task` (its first
     preprocessor is `contrastive_pairs`, whose keys and prompts are read from it). Pairs with an
     empty query or positive are dropped, as in training.
     """
-    import seqio
-
-    from encdec_adapt.data import contrastive, registry
-    from encdec_adapt.data.counters import Counters
-
     provider = registry.get_task_or_mixture(task)
     if not isinstance(provider, seqio.Task):
         raise ConfigError(f"embed: {task!r} is a mixture; evaluate retrieval on one of its tasks")
@@ -159,7 +143,7 @@ def load_towers(
     towers with fresh projection / pooler from `seed`). `model_dir`: its newest training
     checkpoint.
     """
-    if not hasattr(model, "embed") or not hasattr(model, "build"):
+    if not isinstance(model, BaseModel) or not model.can_embed:
         raise ConfigError(
             f"embed.model must be an embedding model (@DualEncoderModel()), got {model!r}"
         )
@@ -179,22 +163,16 @@ def load_towers(
             params_io.assign(module, converted, params_from)
             return module, f"{params_from} ({source_type}, warm start, untrained)"
     # The trainer gives the abstract, sharded parameter tree that checkpoints restore into.
-    from encdec_adapt.runtime.trainer import Trainer
-
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules, seed)
     target = trainer.abstract_state().params
     if params_from:
         return trainer.module(params_io.load(params_from, target)), params_from
     if not model_dir:
         raise ConfigError("embed: give embed.model_dir (MODEL_DIR) or embed.params_from")
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
     try:
-        if not ckpt.all_steps():
-            raise CheckpointError(f"embed: no training checkpoint in {model_dir}")
-        step = ckpt.all_steps()[-1]
-        params = ckpt.restore_params(target, step)
-    finally:
-        ckpt.close()
+        params, step = checkpoints.restore_run_params(model_dir, target)
+    except checkpoints.MissingCheckpointError as e:
+        raise checkpoints.MissingCheckpointError(f"embed: {e}") from None
     return trainer.module(params), f"{model_dir} (step {step})"
 
 
@@ -344,8 +322,6 @@ def embed(
         )
     if side not in SIDES:
         raise ConfigError(f"embed.side={side!r}; choose from {SIDES}")
-    from encdec_adapt.data import identifiers
-
     try:
         transform = identifiers.text_transform(text_transform)
     except ValueError as e:
@@ -359,8 +335,6 @@ def embed(
     _check("max_length", max_length, 2)
     doc_length = document_max_length or max_length
     _check("document_max_length", doc_length, 2)
-
-    from encdec_adapt.data import registry
 
     if vocabulary_file is not None:
         vocab = registry.vocabulary(vocabulary_file)

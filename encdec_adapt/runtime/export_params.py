@@ -19,10 +19,13 @@ from __future__ import annotations
 
 import os
 
+import gin
+
 from encdec_adapt.errors import InputError
-from encdec_adapt.models.generative import BaseModel
+from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
+from encdec_adapt.runtime.trainer import Trainer
 from encdec_adapt.storage import params_io
 
 CONFIG_FILE = "config.gin"
@@ -34,8 +37,6 @@ class ExportError(InputError):
 
 def model_from_run(model_dir: str) -> BaseModel:
     """The model API object (`train.model`) of the run in `model_dir`, from its config.gin."""
-    import gin
-
     path = os.path.join(model_dir, CONFIG_FILE)
     if not os.path.exists(path):
         raise ExportError(
@@ -70,27 +71,17 @@ def export_params(model_dir: str, output: str, step: int | None = None, *, overw
     Raises ExportError (no run, no checkpoint, unknown step) or params_io.CheckpointError (the
     output exists and `overwrite` is False).
     """
-    from encdec_adapt.runtime.trainer import Trainer
-
     model_dir = os.path.abspath(model_dir)
     params_io.check_writable(output, overwrite)
     model = model_from_run(model_dir)
     rules = sharding.MeshRules()
     trainer = Trainer(model, optim.OptimizerConfig(), rules.make_mesh(), rules)
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
     try:
-        steps = ckpt.all_steps()
-        if not steps:
-            raise ExportError(f"no training checkpoint in {ckpt.directory}")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise ExportError(f"step {step} is not in {ckpt.directory} (steps: {steps})")
-        params = ckpt.restore_params(trainer.abstract_state().params, step)
-    finally:
-        ckpt.close()
-    student = getattr(model, "student", None)
-    if student is not None:  # distillation: the student is the model that was trained
-        model, params = student, params["student"]
+        params, step = checkpoints.restore_run_params(
+            model_dir, trainer.abstract_state().params, step
+        )
+    except checkpoints.MissingCheckpointError as e:
+        raise ExportError(str(e)) from None
+    model, params = model.export(params)  # distillation: the student, the model trained
     params_io.save(output, params, model.model_type, model.config_dict(), overwrite=overwrite)
     return step

@@ -18,15 +18,15 @@ import jax
 import numpy as np
 
 from encdec_adapt.data import input_pipeline
+from encdec_adapt.data.counters import COUNTERS
 from encdec_adapt.data.jsonl_inputs import JsonlInputs
 from encdec_adapt.errors import ConfigError
 from encdec_adapt.evaluation import evaluator as evaluation
 from encdec_adapt.models import decoding
-from encdec_adapt.models.generative import BaseModel
+from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
-from encdec_adapt.runtime import checkpoints, optim
+from encdec_adapt.runtime import checkpoints, entrypoints, optim
 from encdec_adapt.runtime.metrics_log import MetricsLogger
-from encdec_adapt.runtime.train import _require, _write_text
 from encdec_adapt.runtime.trainer import Trainer
 from encdec_adapt.storage import params_io
 
@@ -38,11 +38,7 @@ def _restore_params(trainer: Trainer, model_dir: str | None, params_from: str | 
         return params_io.load(params_from, target)
     if not model_dir:
         raise ConfigError("give a model_dir with training checkpoints or params_from")
-    ckpt = checkpoints.Checkpointer(model_dir, checkpoints.CheckpointConfig(async_save=False))
-    try:
-        return ckpt.restore_params(target)
-    finally:
-        ckpt.close()
+    return checkpoints.restore_run_params(model_dir, target)[0]
 
 
 @gin.configurable(module="encdec_adapt")
@@ -65,7 +61,7 @@ def evaluate(
     (`evaluation.task_metrics`): its predict metrics decode with `decode` (None: skip them),
     its score metrics score the targets.
     """
-    _require("evaluate", model_dir=model_dir, params_from=params_from)
+    entrypoints.require("evaluate", model_dir=model_dir, params_from=params_from)
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)
     result = evaluation.run_eval(
@@ -112,7 +108,9 @@ def infer(
     Rows that pad the last batch are not written. Truncated inputs are counted and the counts
     printed at the end.
     """
-    _require("infer", model_dir=model_dir, params_from=params_from, output_file=output_file)
+    entrypoints.require(
+        "infer", model_dir=model_dir, params_from=params_from, output_file=output_file
+    )
     if mode not in ("score", "predict"):
         raise ConfigError(f"infer.mode={mode!r}: choose 'score' or 'predict'")
     jsonl = isinstance(infer_data, JsonlInputs)
@@ -154,8 +152,9 @@ def infer(
                 record["inputs"] = in_vocab.decode(ids)
             if mode == "score":
                 target = evaluation.target_ids(result.features, row, out_eos)
+                n_target = evaluation.target_length(result.features, row)
                 record["log_likelihood"] = float(result.log_likelihood[row])
-                record["tokens"] = len(target) + 1  # + EOS (scored too)
+                record["tokens"] = len(target) + (len(target) < n_target)  # + EOS (scored too)
             else:
                 ids = evaluation.until_eos(result.tokens[row], decode.eos_id)
                 record["prediction"] = vocabs["targets"].decode(ids)
@@ -164,7 +163,7 @@ def infer(
             if jsonl:
                 record.update(truncated=ex.truncated, empty_input=ex.empty_input)
             lines.append(json.dumps(record))
-    _write_text(output_file, "\n".join(lines) + "\n")
+    entrypoints.write_text(output_file, "\n".join(lines) + "\n")
     if jax.process_index() == 0:
         print(f"infer: {len(lines)} examples ({mode}) written to {output_file}", flush=True)
         print(f"infer: {_cut_summary(iterator if jsonl else None)}", flush=True)
@@ -181,8 +180,6 @@ def _cut_summary(jsonl_iterator) -> str:
             f"{counts['truncated/targets']} targets truncated to {lengths['targets']} tokens, "
             f"{counts['empty_inputs']} empty inputs (decoded from EOS)"
         )
-    from encdec_adapt.data.counters import COUNTERS
-
     cut = {k: v for k, v in COUNTERS.result().items() if k.startswith(("truncated", "dropped"))}
     return "cut by the feature converter: " + (
         ", ".join(f"{k} {v}" for k, v in cut.items()) or "nothing"

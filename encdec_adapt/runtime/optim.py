@@ -1,6 +1,6 @@
 """Optimizers, learning-rate schedules, clipping and freezing, from one gin-configurable dataclass.
 
-The optimizer is kept apart from the model API (`models.py`): a model gives a loss, this module
+The optimizer is kept apart from the model API (`models/`): a model gives a loss, this module
 turns gradients into updates. Parameters are nested dicts (`nnx.to_pure_dict` of the model's
 params); a parameter's *path* is its keys joined by "/", e.g. "stack/blocks/3/attn/q_proj".
 """
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import gin
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from encdec_adapt.errors import ConfigError
@@ -136,16 +138,81 @@ def param_path(path: tuple) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def trainable_mask(cfg: OptimizerConfig, params: Any) -> Any:
-    """A tree of bools like `params`: True where the parameter is trained."""
+def trainable_mask(
+    params: Any, *, train_only: Sequence[str] = (), freeze: Sequence[str] = ()
+) -> Any:
+    """A tree of bools like `params`: True where the parameter is trained.
+
+    Paths are `param_path` names such as `decoder/stack/blocks/3/cross_attn/q`; a regex matches
+    anywhere in the path (`re.search`). A parameter trains when it matches one of `train_only`
+    (every parameter when empty or None) and none of `freeze`. Every regex must compile and
+    match at least one path, so that a typo fails loudly instead of silently training (or
+    freezing) everything. Raises ValueError naming the regex.
+    """
+    train_only, freeze = tuple(train_only or ()), tuple(freeze)
+    names = [param_path(path) for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    compiled = {}
+    for pattern in train_only + freeze:
+        try:
+            compiled[pattern] = re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"freezing regex {pattern!r} is invalid: {e}") from e
+        if names and not any(compiled[pattern].search(name) for name in names):
+            raise ConfigError(f"freezing regex {pattern!r} matches no parameter (e.g. {names[0]})")
 
     def one(path, _):
         name = param_path(path)
-        if cfg.train_only and not any(re.search(p, name) for p in cfg.train_only):
+        if train_only and not any(compiled[p].search(name) for p in train_only):
             return False
-        return not any(re.search(p, name) for p in cfg.freeze)
+        return not any(compiled[p].search(name) for p in freeze)
 
     return jax.tree_util.tree_map_with_path(one, params)
+
+
+def frozen_fraction(mask: Any, params: Any) -> float:
+    """Share of parameter elements (not tensors) that `mask` freezes."""
+    sizes = jax.tree.map(lambda m, p: (int(np.prod(np.shape(p))), bool(m)), mask, params)
+    leaves = jax.tree.leaves(sizes, is_leaf=lambda x: isinstance(x, tuple))
+    total = sum(n for n, _ in leaves)
+    return sum(n for n, t in leaves if not t) / max(total, 1)
+
+
+def after_steps(
+    inner: optax.GradientTransformation, num_steps: int
+) -> optax.GradientTransformation:
+    """`inner` from step `num_steps` on; zero updates (and untouched inner state) before."""
+
+    def init_fn(params):
+        return {"count": jnp.zeros((), jnp.int32), "inner": inner.init(params)}
+
+    def update_fn(updates, state, params=None):
+        def frozen(_):
+            return jax.tree.map(jnp.zeros_like, updates), state["inner"]
+
+        def active(_):
+            return inner.update(updates, state["inner"], params)
+
+        new_updates, inner_state = jax.lax.cond(state["count"] >= num_steps, active, frozen, None)
+        count = jnp.minimum(state["count"] + 1, jnp.iinfo(jnp.int32).max)
+        return new_updates, {"count": count, "inner": inner_state}
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def freeze(
+    optimizer: optax.GradientTransformation, mask: Any, *, until_step: int | None = None
+) -> optax.GradientTransformation:
+    """Wraps `optimizer` so that parameters where `mask` is False get exactly zero updates.
+
+    `multi_transform` gives `optimizer` (and its clipping norm) only the trainable leaves, so
+    permanently frozen parameters hold no optimizer state and weight decay never touches them.
+    With `until_step=K` they are frozen for the first K updates only, then trained by a fresh
+    copy of `optimizer` (its moments and schedules start at step K): the T5Gemma unbalanced
+    recipe (cross-attention alone for K steps, then everything).
+    """
+    labels = jax.tree.map(lambda t: "train" if t else "frozen", mask)
+    frozen = optax.set_to_zero() if until_step is None else after_steps(optimizer, until_step)
+    return optax.multi_transform({"train": optimizer, "frozen": frozen}, labels)
 
 
 def _base(cfg: OptimizerConfig, params: Any) -> optax.GradientTransformation:
@@ -171,7 +238,7 @@ def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransform
     inner = _base(cfg, params)
     if cfg.clip_norm is not None:
         inner = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), inner)
-    mask = trainable_mask(cfg, params)
+    mask = trainable_mask(params, train_only=cfg.train_only, freeze=cfg.freeze)
     if all(jax.tree.leaves(mask)):
         return inner
     if not any(jax.tree.leaves(mask)):
@@ -179,13 +246,4 @@ def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransform
             f"OptimizerConfig freezes every parameter (freeze={cfg.freeze}, "
             f"train_only={cfg.train_only})"
         )
-    if cfg.unfreeze_at_step is not None:
-        from encdec_adapt.models.warm_start import (
-            freeze,
-        )  # the staged-unfreezing recipe lives there
-
-        return freeze(inner, mask, until_step=cfg.unfreeze_at_step)
-    # multi_transform gives the inner optimizer (and its clipping norm) only the trainable
-    # leaves, so frozen parameters carry no Adam moments.
-    labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-    return optax.multi_transform({"train": inner, "frozen": optax.set_to_zero()}, labels)
+    return freeze(inner, mask, until_step=cfg.unfreeze_at_step)

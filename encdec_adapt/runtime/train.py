@@ -20,14 +20,15 @@ import time
 import gin
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from encdec_adapt.data import input_pipeline
-from encdec_adapt.errors import ConfigError, TrainingDiverged
+from encdec_adapt.errors import TrainingDiverged
 from encdec_adapt.evaluation import evaluator as evaluation
 from encdec_adapt.models import decoding
-from encdec_adapt.models.generative import BaseModel, summarize
+from encdec_adapt.models.base import BaseModel, summarize
 from encdec_adapt.parallel import sharding
-from encdec_adapt.runtime import checkpoints, optim
+from encdec_adapt.runtime import checkpoints, entrypoints, optim
 from encdec_adapt.runtime.metrics_log import MetricsLogger
 from encdec_adapt.runtime.trainer import Trainer
 
@@ -57,17 +58,8 @@ class _Preemption:
         """True when any process was asked to stop (all processes must save together)."""
         if jax.process_count() == 1:
             return self.requested
-        from jax.experimental import multihost_utils
-
         flags = multihost_utils.process_allgather(np.asarray(self.requested, np.int32))
         return bool(np.any(flags))
-
-
-def _write_text(path: str, text: str) -> None:
-    if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
 
 
 def _tokens(model: BaseModel, local_batch: dict) -> int:
@@ -119,14 +111,14 @@ def train(
       stop_after: stop (with a checkpoint) after this many steps of *this* invocation; used to
         simulate preemption in tests. Not settable from gin.
     """
-    _require("train", model_dir=model_dir, num_steps=num_steps)
-    _check_positive("train.num_steps", num_steps)
-    _check_positive("train.log_every", log_every)
+    entrypoints.require("train", model_dir=model_dir, num_steps=num_steps)
+    entrypoints.check_positive("train.num_steps", num_steps)
+    entrypoints.check_positive("train.log_every", log_every)
     data = input_pipeline.make_iterator(train_data)  # checks the task name first
     mesh = mesh_rules.make_mesh()
     trainer = Trainer(model, optimizer, mesh, mesh_rules, seed=seed)
     ckpt = checkpoints.Checkpointer(model_dir, checkpoint)
-    _write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
+    entrypoints.write_text(os.path.join(model_dir, "config.gin"), gin.config_str())
 
     restored = ckpt.restore_latest(trainer.abstract_state())
     if restored is not None:
@@ -136,12 +128,11 @@ def train(
     else:
         state = trainer.init_state()
         # Warm start (fresh runs only): parameters from params checkpoints, nothing else.
-        student = "student" if getattr(model, "teacher", None) is not None else None
         if warm_start_from:
-            state = trainer.warm_start(state, warm_start_from, student)
+            state = trainer.warm_start(state, warm_start_from, model.warm_start_subtree)
             print(f"Warm start: parameters from {warm_start_from}", flush=True)
-        if getattr(model, "teacher_checkpoint", None):
-            state = trainer.warm_start(state, model.teacher_checkpoint, "teacher")
+        if model.teacher_checkpoint:
+            state = trainer.warm_start(state, model.teacher_checkpoint, model.teacher_subtree)
             print(f"Teacher parameters from {model.teacher_checkpoint}", flush=True)
     step = int(state.step)
     last_good = ckpt.all_steps()[-1] if ckpt.all_steps() else None
@@ -165,7 +156,7 @@ def train(
                 # The first step compiled: write what gin actually used, and start the clocks
                 # of throughput and ETA after it.
                 jax.block_until_ready(metrics)
-                _write_text(
+                entrypoints.write_text(
                     os.path.join(model_dir, "operative_config.gin"), gin.operative_config_str()
                 )
                 logger.start(step)
@@ -219,21 +210,6 @@ def train(
     if step >= num_steps and jax.process_index() == 0:
         print(f"Finished {num_steps} steps; checkpoints in {ckpt.directory}", flush=True)
     return last
-
-
-def _require(entry: str, **values) -> None:
-    """Values bound to %gin.REQUIRED macros reach the entry point as the sentinel itself."""
-    for name, value in values.items():
-        if value is gin.REQUIRED:
-            raise ConfigError(
-                f"Missing required value: {entry}.{name}=%gin.REQUIRED (set the macro that "
-                f"feeds it on the command line, e.g. --gin.{name.upper()}=...)"
-            )
-
-
-def _check_positive(name: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ConfigError(f"{name}={value!r} must be a positive int")
 
 
 def _flops_per_token(model: BaseModel, data_cfg) -> float | None:

@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from encdec_adapt.errors import ConfigError
-from encdec_adapt.models.generative import BaseModel
+from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import optim
 from encdec_adapt.storage import params_io
@@ -84,7 +84,9 @@ class Trainer:
             rules,
             seed,
         )
-        frozen = tuple(getattr(model, "frozen_patterns", ()))
+        model = model.on_mesh(mesh, rules)  # e.g. the contrastive loss over the global batch
+        self.model = model
+        frozen = tuple(model.frozen_patterns)
         if frozen:  # e.g. a distillation teacher: in the state, never updated
             optimizer = dataclasses.replace(optimizer, freeze=optimizer.freeze + frozen)
             self.opt_cfg = optimizer
@@ -178,12 +180,12 @@ class Trainer:
         model, fresh = self.model, state.params
         if subtree is not None:
             target, fresh = target[subtree], fresh[subtree]
-            model = getattr(self.model, subtree, model)
+            model = self.model.submodel(subtree)
         source_type = None
         if os.path.exists(os.path.join(path, params_io.MODEL_JSON)):
             source_type, _ = params_io.read_model_json(path)
         converted = None
-        if source_type is not None and source_type != getattr(model, "model_type", None):
+        if source_type is not None and source_type != model.model_type:
             # Orbax returns list indices as string keys; unflatten restores nnx's int keys
             source = params_io.unflatten(params_io.flatten(params_io.load(path)))
             converted = model.warm_start_params(source, source_type, fresh)

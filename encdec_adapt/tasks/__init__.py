@@ -9,11 +9,11 @@ Register your own with one call to `register_pretraining_task` / `register_contr
 from encdec_adapt.data.registry import (
     get_dataset,
     get_task_or_mixture,
-    register_contrastive_task,
     register_mixture,
     register_pretraining_task,
 )
 from encdec_adapt.tasks import c4, embedded
+from encdec_adapt.tasks.contrastive import register_contrastive_task
 
 __all__ = [
     "c4",

@@ -27,6 +27,8 @@ import functools
 import seqio
 
 from encdec_adapt.data import classification, identifiers, registry, span_corruption, text
+from encdec_adapt.tasks import metric_tasks
+from encdec_adapt.tasks.contrastive import register_contrastive_task
 
 QUERY_PROMPT = "task: code retrieval | query: "
 DOCUMENT_PROMPT = "title: none | text: "
@@ -65,7 +67,7 @@ def register(overwrite: bool = True) -> None:
             name, "stdlib_prose", objective=objective, overwrite=overwrite
         )
     for name, negatives in (("stdlib_code_search", 0), ("stdlib_code_search_hard_negatives", 3)):
-        registry.register_contrastive_task(
+        register_contrastive_task(
             name,
             "stdlib_code_search",
             num_negatives=negatives,
@@ -73,7 +75,7 @@ def register(overwrite: bool = True) -> None:
             document_prompt=DOCUMENT_PROMPT,
             overwrite=overwrite,
         )
-    registry.register_contrastive_task(
+    register_contrastive_task(
         "stdlib_code_search_subtokens",
         identifiers.split_identifiers_source(
             registry.data_source("stdlib_code_search"), lowercase=True
@@ -95,9 +97,7 @@ def register(overwrite: bool = True) -> None:
     registry.register_mixture(
         "stdlib_pretraining", ["stdlib_span_corruption", "stdlib_prefix_lm"], overwrite=overwrite
     )
-    from encdec_adapt.tasks import metric_tasks  # copies of the above with metric functions
-
-    metric_tasks.register(overwrite)
+    metric_tasks.register(overwrite)  # copies of the above with metric functions
 
 
 register()
