@@ -167,3 +167,134 @@ def test_select_impl(monkeypatch):
         sel("flash", **short)
     monkeypatch.setenv(blockwise.ENV_VAR, "blockwise")
     assert sel("auto", **short) == "blockwise"
+
+
+# --- chunked vocabulary loss ---------------------------------------------------------------
+
+
+def _loss_inputs(t=13, d=12, v=50):
+    keys = jax.random.split(jax.random.key(3), 4)
+    hidden = jax.random.normal(keys[0], (B, t, d)) * 1.5 + 0.1
+    head = jax.random.normal(keys[1], (v, d)) * 0.7
+    targets = jax.random.randint(keys[2], (B, t), 0, v)
+    weights = jax.random.uniform(keys[3], (B, t)) * (targets > 0)
+    return hidden, head, targets, weights
+
+
+@pytest.mark.parametrize(
+    "z_loss,smoothing,cap", [(0.0, 0.0, None), (1e-3, 0.1, None), (1e-2, 0.2, 3.0)]
+)
+def test_chunked_cross_entropy_matches_full(z_loss, smoothing, cap):
+    from encdec_adapt.models import losses, vocab_loss
+
+    hidden, head, targets, weights = _loss_inputs()
+    kw = {"z_loss": z_loss, "label_smoothing": smoothing}
+
+    def full(h, w):
+        return losses.cross_entropy(vocab_loss.project(h, w, cap), targets, weights, **kw)
+
+    def chunked(h, w):
+        return vocab_loss.cross_entropy(h, w, targets, weights, soft_cap=cap, chunk_tokens=5, **kw)
+
+    for a, b in zip(jax.jit(chunked)(hidden, head), full(hidden, head), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    g_full = jax.grad(lambda h, w: full(h, w).loss, argnums=(0, 1))(hidden, head)
+    g_chunk = jax.jit(jax.grad(lambda h, w: chunked(h, w).loss, argnums=(0, 1)))(hidden, head)
+    for a, b in zip(g_chunk, g_full, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cap", [None, 4.0])
+def test_chunked_distillation_matches_full(cap):
+    from encdec_adapt.models import losses, vocab_loss
+
+    hidden, head, targets, weights = _loss_inputs()
+    t_hidden = jax.random.normal(jax.random.key(9), hidden.shape)
+    t_head = jax.random.normal(jax.random.key(10), head.shape)
+    kw = {"z_loss": 1e-3, "label_smoothing": 0.1}
+
+    def full(h, w, th, tw):
+        logits = vocab_loss.project(h, w, cap)
+        tl = losses.cross_entropy(logits, targets, weights, **kw)
+        t_logits = jax.lax.stop_gradient(vocab_loss.project(th, tw, 5.0))
+        return tl, losses.kl_divergence(logits, t_logits, weights, temperature=2.0)
+
+    def chunked(h, w, th, tw):
+        return vocab_loss.distillation(
+            h,
+            w,
+            th,
+            tw,
+            targets,
+            weights,
+            student_soft_cap=cap,
+            teacher_soft_cap=5.0,
+            chunk_tokens=4,
+            temperature=2.0,
+            **kw,
+        )
+
+    args = (hidden, head, t_hidden, t_head)
+    (tl_c, kd_c), (tl_f, kd_f) = jax.jit(chunked)(*args), full(*args)
+    np.testing.assert_allclose(kd_c, kd_f, rtol=1e-5, atol=1e-5)
+    for a, b in zip(tl_c, tl_f, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+    def total(f):
+        return lambda *a: (lambda tl, kd: 0.3 * tl.loss + 0.7 * kd)(*f(*a))
+
+    g_full = jax.grad(total(full), argnums=(0, 1, 2, 3))(*args)
+    g_chunk = jax.jit(jax.grad(total(chunked), argnums=(0, 1, 2, 3)))(*args)
+    for a, b in zip(g_chunk, g_full, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert not np.any(g_chunk[2]) and not np.any(g_chunk[3])  # the teacher gets no gradient
+
+
+def test_resolve_chunk_tokens():
+    from encdec_adapt.models import vocab_loss
+
+    assert vocab_loss.resolve_chunk_tokens(None, 512, 262_144) == 0
+    assert vocab_loss.resolve_chunk_tokens(None, 4096, 262_144) == vocab_loss.DEFAULT_CHUNK_TOKENS
+    assert vocab_loss.resolve_chunk_tokens(0, 10**6, 262_144) == 0
+    assert vocab_loss.resolve_chunk_tokens(7, 8, 10) == 7
+    with pytest.raises(ValueError):
+        vocab_loss.resolve_chunk_tokens(-1, 8, 10)
+
+
+def test_model_api_chunked_loss_matches_full():
+    """Encoder-decoder and distillation `loss_fn` with loss_chunk_tokens=5 vs 0 (full logits)."""
+    from encdec_adapt import load_encdec_preset, load_preset
+    from encdec_adapt.models import generative as models
+
+    cfg = load_encdec_preset("t5gemma_tiny")
+    batch = {
+        "encoder_input_tokens": jnp.asarray([[5, 6, 7, 1, 0, 0], [8, 9, 1, 0, 0, 0]]),
+        "decoder_input_tokens": jnp.asarray([[0, 11, 12, 13], [0, 14, 15, 0]]),
+        "decoder_target_tokens": jnp.asarray([[11, 12, 13, 1], [14, 15, 1, 0]]),
+    }
+    batch["decoder_loss_weights"] = (batch["decoder_target_tokens"] > 0).astype(jnp.int32)
+
+    def run(chunk, distill):
+        model = models.EncoderDecoderModel(
+            config=cfg, z_loss=1e-3, label_smoothing=0.1, loss_chunk_tokens=chunk
+        )
+        if distill:
+            teacher = models.DecoderOnlyModel(config=load_preset("gemma_tiny"))
+            model = models.DistillationModel(student=model, teacher=teacher)
+
+        @nnx.jit
+        def loss_grads(net):
+            (loss, metrics), grads = nnx.value_and_grad(
+                lambda m: model.loss_fn(m, batch, None), has_aux=True
+            )(net)
+            return loss, metrics, jax.tree.leaves(nnx.state(grads))
+
+        return loss_grads(model.build(nnx.Rngs(0)))
+
+    for distill in (False, True):
+        full, chunked = run(0, distill), run(5, distill)
+        np.testing.assert_allclose(chunked[0], full[0], rtol=1e-5)
+        for key in full[1]:
+            np.testing.assert_allclose(chunked[1][key], full[1][key], rtol=1e-5, atol=1e-6)
+        for a, b in zip(chunked[2], full[2], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -387,8 +387,10 @@ class EncoderDecoder(nnx.Module):
         decoder_segment_ids: jax.Array | None = None,
         decoder_positions: jax.Array | None = None,
         rng: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array:
-        """Teacher-forced logits: [B, S] encoder tokens, [B, T] decoder inputs -> [B, T, V].
+        """Teacher-forced logits: [B, S] encoder tokens, [B, T] decoder inputs -> [B, T, V]
+        (the final decoder states [B, T, D] with `return_hidden`).
 
         Unpacked batches need no segment ids (encoder padding is `tokens == 0`); packed batches
         pass the seqio `encoder_segment_ids` / `decoder_segment_ids` and positions.
@@ -409,5 +411,12 @@ class EncoderDecoder(nnx.Module):
             segment_ids=decoder_segment_ids,
             positions=decoder_positions,
             rng=dec_rng,
+            return_hidden=return_hidden,
         )
         return logits
+
+    def output_head(self) -> tuple[jax.Array, float | None]:
+        """The decoder's [V, D] output projection and final soft-cap (chunked losses)."""
+        lm_head = self.decoder.lm_head
+        head = self.decoder_embedder.embedding if lm_head is None else lm_head
+        return head[...], self.config.decoder.final_logit_soft_cap

@@ -316,6 +316,11 @@ class DecoderOnly(nnx.Module):
         """[B, T, D] final hidden states -> [B, T, V] logits (float32 when soft-capped)."""
         return output_logits(hidden, self.config, self.embedder, self.lm_head)
 
+    def output_head(self) -> tuple[jax.Array, float | None]:
+        """The [V, D] output projection `logits` uses and its final soft-cap (chunked losses)."""
+        head = self.embedder.embedding if self.lm_head is None else self.lm_head
+        return head[...], self.config.final_logit_soft_cap
+
     def __call__(
         self,
         tokens: jax.Array,
