@@ -37,16 +37,19 @@ from encdec_adapt.runtime import optim, trainer
 GIB = 2**30
 
 
-def compiled_memory(preset: str, length: int, batch: int, remat: str, path: str) -> dict:
+def compiled_memory(
+    preset: str, length: int, batch: int, remat: str, path: str, scan: bool = False
+) -> dict:
     cfg = load_encdec_preset(preset)
     model = models.EncoderDecoderModel(
-        config=cfg, remat=remat, loss_chunk_tokens=0 if path == "xla" else None
+        config=cfg,
+        remat=remat,
+        scan_layers=scan,
+        loss_chunk_tokens=0 if path == "xla" else None,
     )
     rules = sharding.MeshRules(mesh_shape=(1, -1, 1))
     mesh = rules.make_mesh()
-    t = trainer.Trainer(
-        model, optim.OptimizerConfig(name="adamw", learning_rate=1e-4), mesh, rules
-    )
+    t = trainer.Trainer(model, optim.OptimizerConfig(name="adamw", learning_rate=1e-4), mesh, rules)
     state = t.abstract_state()
     names = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
     spec = {k: jax.ShapeDtypeStruct((batch, length), jnp.int32) for k in names}
@@ -88,15 +91,19 @@ def main(argv=None):
     p.add_argument("--remat", nargs="+", default=["none", "full"])
     p.add_argument("--paths", nargs="+", default=["xla", "auto"], choices=["xla", "auto"])
     p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--scan_layers", action="store_true", help="EncoderDecoderModel.scan_layers")
     args = p.parse_args(argv)
-    print(f"batch {args.batch}, {jax.devices()[0].platform}; GiB from memory_analysis()")
+    print(
+        f"batch {args.batch}, scan_layers {args.scan_layers}, {jax.devices()[0].platform}; "
+        "GiB from memory_analysis()"
+    )
     print("| preset | tokens/side | remat | path | temporaries GiB | arguments GiB | compile s |")
     print("|---|---|---|---|---|---|---|")
     for preset in args.presets:
         for length in args.lengths:
             for remat in args.remat:
                 for path in args.paths:
-                    r = compiled_memory(preset, length, args.batch, remat, path)
+                    r = compiled_memory(preset, length, args.batch, remat, path, args.scan_layers)
                     print(
                         f"| {preset} | {length} | {remat} | {path} | {r['temp']:.2f} | "
                         f"{r['args']:.2f} | {r['seconds']:.0f} |",
