@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from encdec_adapt.models import decoding, losses
+from encdec_adapt.models import decoding, losses, vocab_loss
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -68,6 +68,9 @@ class BaseModel(abc.ABC):
     teacher_subtree: str | None = None
     #: the parameter subtree a warm start (`train.warm_start_from`) fills (None: all)
     warm_start_subtree: str | None = None
+    #: tokens per chunk of the vocabulary loss (models/vocab_loss.py): None decides by size,
+    #: 0 never chunks; token models make it a gin field
+    loss_chunk_tokens: int | None = 0
 
     # ---- capabilities -----------------------------------------------------------------------
 
@@ -93,8 +96,11 @@ class BaseModel(abc.ABC):
         """A freshly initialised network."""
 
     @abc.abstractmethod
-    def logits(self, module: nnx.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
-        """[B, T, V] logits predicting `decoder_target_tokens`."""
+    def logits(
+        self, module: nnx.Module, batch: Batch, rng: jax.Array | None, return_hidden=False
+    ) -> jax.Array:
+        """[B, T, V] logits predicting `decoder_target_tokens` ([B, T, D] final hidden states
+        with `return_hidden`, for the chunked vocabulary loss)."""
 
     def config_dict(self) -> dict:
         """What `params_io` writes to model.json (rebuilds the network)."""
@@ -128,8 +134,23 @@ class BaseModel(abc.ABC):
     def token_loss(
         self, module: nnx.Module, batch: Batch, rng: jax.Array | None
     ) -> tuple[losses.TokenLoss, jax.Array]:
-        logits = self.logits(module, batch, rng)
         weights = decoder_weights(batch)
+        chunk = self.loss_chunk(module, batch)
+        if chunk:  # never materialises [B, T, V] logits (models/vocab_loss.py)
+            hidden = self.logits(module, batch, rng, return_hidden=True)
+            head, cap = module.output_head()
+            tl = vocab_loss.cross_entropy(
+                hidden,
+                head,
+                batch["decoder_target_tokens"],
+                weights,
+                soft_cap=cap,
+                chunk_tokens=chunk,
+                z_loss=self.z_loss,
+                label_smoothing=self.label_smoothing,
+            )
+            return tl, hidden
+        logits = self.logits(module, batch, rng)
         tl = losses.cross_entropy(
             logits,
             batch["decoder_target_tokens"],
@@ -138,6 +159,12 @@ class BaseModel(abc.ABC):
             label_smoothing=self.label_smoothing,
         )
         return tl, logits
+
+    def loss_chunk(self, module: nnx.Module, batch: Batch) -> int:
+        """Tokens per chunk of the vocabulary loss, 0 for full logits (`loss_chunk_tokens`)."""
+        targets = batch["decoder_target_tokens"]
+        vocab = module.output_head()[0].shape[0]
+        return vocab_loss.resolve_chunk_tokens(self.loss_chunk_tokens, targets.size, vocab)
 
     def loss_fn(
         self,

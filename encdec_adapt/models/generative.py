@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from encdec_adapt.errors import ConfigError
-from encdec_adapt.models import decoding, losses
+from encdec_adapt.models import decoding, losses, vocab_loss
 from encdec_adapt.models.base import BaseModel, Batch, decoder_weights
 from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
 from encdec_adapt.nn.encdec import EncoderDecoder
@@ -88,6 +88,9 @@ class DecoderOnlyModel(BaseModel):
         (keep matmul outputs).
       scan_layers: run the layers as a `jax.lax.scan` over attention-pattern periods in
         training and scoring (compiles one period instead of every layer; same parameters).
+      loss_chunk_tokens: the training loss computes logits this many tokens at a time and never
+        holds [B, T, V] (models/vocab_loss.py); None (default): only when B * T * V > 2**28;
+        0: never.
     """
 
     config: GemmaConfig = None
@@ -95,6 +98,7 @@ class DecoderOnlyModel(BaseModel):
     label_smoothing: float = 0.0
     remat: str = "none"
     scan_layers: bool = False
+    loss_chunk_tokens: int | None = None
 
     model_type = "decoder_only"
     features = ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
@@ -117,12 +121,15 @@ class DecoderOnlyModel(BaseModel):
         net = apply_remat(DecoderOnly(self.config, rngs=rngs), self.remat)
         return apply_scan(net, self.scan_layers)
 
-    def logits(self, module: DecoderOnly, batch: Batch, rng: jax.Array | None) -> jax.Array:
+    def logits(
+        self, module: DecoderOnly, batch: Batch, rng: jax.Array | None, return_hidden=False
+    ) -> jax.Array:
         logits, _ = module(
             batch["decoder_input_tokens"],
             segment_ids=batch.get("decoder_segment_ids"),
             positions=batch.get("decoder_positions"),
             rng=rng,
+            return_hidden=return_hidden,
         )
         return logits
 
@@ -157,7 +164,7 @@ class EncoderDecoderModel(BaseModel):
 
     Attributes:
       config: an EncoderDecoderConfig (%MODEL_CONFIG of a models/t5gemma_*.gin file).
-      z_loss, label_smoothing, remat, scan_layers: as DecoderOnlyModel.
+      z_loss, label_smoothing, remat, scan_layers, loss_chunk_tokens: as DecoderOnlyModel.
       decoder_start_id: first decoder input when generating: 0 for models trained here (seqio
         shifts targets right with 0), 2 (BOS) for released HF T5Gemma checkpoints.
     """
@@ -167,6 +174,7 @@ class EncoderDecoderModel(BaseModel):
     label_smoothing: float = 0.0
     remat: str = "none"
     scan_layers: bool = False
+    loss_chunk_tokens: int | None = None
     decoder_start_id: int = 0
 
     model_type = "encoder_decoder"
@@ -195,7 +203,9 @@ class EncoderDecoderModel(BaseModel):
         net = apply_remat(EncoderDecoder(self.config, rngs=rngs), self.remat)
         return apply_scan(net, self.scan_layers)
 
-    def logits(self, module: nnx.Module, batch: Batch, rng: jax.Array | None) -> jax.Array:
+    def logits(
+        self, module: nnx.Module, batch: Batch, rng: jax.Array | None, return_hidden=False
+    ) -> jax.Array:
         return module(
             batch["encoder_input_tokens"],
             batch["decoder_input_tokens"],
@@ -204,6 +214,7 @@ class EncoderDecoderModel(BaseModel):
             decoder_segment_ids=batch.get("decoder_segment_ids"),
             decoder_positions=batch.get("decoder_positions"),
             rng=rng,
+            return_hidden=return_hidden,
         )
 
     def predict_batch(self, module, batch, decode_cfg, rng=None) -> decoding.Decoded:
@@ -324,7 +335,9 @@ class DistillationModel(BaseModel):
         )
         return self.student.flops_per_token(lengths) + teacher / 3  # forward only
 
-    def teacher_logits(self, teacher: nnx.Module, batch: Batch) -> jax.Array:
+    def teacher_logits(
+        self, teacher: nnx.Module, batch: Batch, return_hidden: bool = False
+    ) -> jax.Array:
         """[B, T, V] teacher logits predicting each decoder target token.
 
         With the data pipeline's teacher features (`EncDecConverter(teacher=True)`:
@@ -334,25 +347,50 @@ class DistillationModel(BaseModel):
         """
         if "teacher_input_tokens" in batch:
             logits = self.teacher.logits(
-                teacher, {"decoder_input_tokens": batch["teacher_input_tokens"]}, None
+                teacher,
+                {"decoder_input_tokens": batch["teacher_input_tokens"]},
+                None,
+                return_hidden,
             )
             split = jnp.argmax(batch["teacher_loss_weights"] > 0, axis=1)  # [B]
             t = batch["decoder_target_tokens"].shape[1]
             pos = jnp.minimum(split[:, None] + jnp.arange(t)[None, :], logits.shape[1] - 1)
             return jnp.take_along_axis(logits, pos[..., None], axis=1)
         return teacher_target_logits(
-            lambda tokens: self.teacher.logits(teacher, {"decoder_input_tokens": tokens}, None),
+            lambda tokens: self.teacher.logits(
+                teacher, {"decoder_input_tokens": tokens}, None, return_hidden
+            ),
             batch["encoder_input_tokens"],
             batch["decoder_target_tokens"],
         )
 
     def loss_fn(self, module, batch, rng, normalizer=None):
-        tl, student_logits = self.student.token_loss(module.student, batch, rng)
         weights = decoder_weights(batch)
-        teacher_logits = jax.lax.stop_gradient(self.teacher_logits(module.teacher, batch))
-        kd = losses.kl_divergence(
-            student_logits, teacher_logits, weights, temperature=self.temperature
-        )
+        chunk = self.student.loss_chunk(module.student, batch)
+        if chunk:  # never materialises [B, T, V] logits (models/vocab_loss.py)
+            (s_head, s_cap), (t_head, t_cap) = (
+                m.output_head() for m in (module.student, module.teacher)
+            )
+            tl, kd = vocab_loss.distillation(
+                self.student.logits(module.student, batch, rng, return_hidden=True),
+                s_head,
+                self.teacher_logits(module.teacher, batch, return_hidden=True),
+                t_head,
+                batch["decoder_target_tokens"],
+                weights,
+                student_soft_cap=s_cap,
+                teacher_soft_cap=t_cap,
+                chunk_tokens=chunk,
+                temperature=self.temperature,
+                z_loss=self.z_loss,
+                label_smoothing=self.label_smoothing,
+            )
+        else:
+            tl, student_logits = self.student.token_loss(module.student, batch, rng)
+            teacher_logits = jax.lax.stop_gradient(self.teacher_logits(module.teacher, batch))
+            kd = losses.kl_divergence(
+                student_logits, teacher_logits, weights, temperature=self.temperature
+            )
         if normalizer is None:
             normalizer = jnp.maximum(tl.weight, 1.0)
         total = (1.0 - self.kd_weight) * tl.loss + self.kd_weight * kd

@@ -7,13 +7,15 @@ decoding from a cache.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from encdec_adapt.nn import layers
+from encdec_adapt.nn import blockwise, layers
 from encdec_adapt.parallel import sharding
 
 # Large finite negative for masked logits: a fully masked row (a padding query) stays finite.
@@ -42,6 +44,57 @@ def attention_mask(
         dist = q_pos - k_pos if causal else jnp.abs(q_pos - k_pos)
         mask &= dist < window
     return mask
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=["q_positions", "q_segments", "k_positions", "k_segments", "k_exempt"],
+    meta_fields=["causal", "window"],
+)
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """An attention mask by its rules, not its [B, T, S] values (see `attention_mask`).
+
+    q_positions / q_segments: [B, T]; k_positions / k_segments: [B, S]; k_exempt: [B, S] bool or
+    None: keys that only the segment rule applies to (no causal / window rule), the encoder keys
+    of merged (T5Gemma 2) attention. The materialising path builds `dense()`; the blockwise
+    path builds one tile at a time from the same fields.
+    """
+
+    q_positions: jax.Array
+    q_segments: jax.Array
+    k_positions: jax.Array
+    k_segments: jax.Array
+    k_exempt: jax.Array | None = None
+    causal: bool = False
+    window: int | None = None
+
+    def dense(self) -> jax.Array:
+        """[B, T, S] bool, True where the query may see the key."""
+        args = (self.q_positions, self.q_segments, self.k_positions, self.k_segments)
+        mask = attention_mask(*args, causal=self.causal, window=self.window)
+        if self.k_exempt is None:
+            return mask
+        free = attention_mask(*args, causal=False)
+        return jnp.where(self.k_exempt[:, None, :], free, mask)
+
+
+def concat_keys(first: MaskSpec, second: MaskSpec) -> MaskSpec:
+    """The mask over keys [first's keys; second's keys] for the same queries (merged attention).
+
+    `second` must be a plain segment mask (no causal / window rule, no exempt keys).
+    """
+    if second.causal or second.window is not None or second.k_exempt is not None:
+        raise ValueError("concat_keys: the second mask must be a plain segment mask")
+    exempt_first = (
+        jnp.zeros(first.k_segments.shape, bool) if first.k_exempt is None else first.k_exempt
+    )
+    return dataclasses.replace(
+        first,
+        k_positions=jnp.concatenate([first.k_positions, second.k_positions], axis=1),
+        k_segments=jnp.concatenate([first.k_segments, second.k_segments], axis=1),
+        k_exempt=jnp.concatenate([exempt_first, jnp.ones(second.k_segments.shape, bool)], axis=1),
+    )
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float, scale: float = 1.0) -> jax.Array:
@@ -91,6 +144,7 @@ class Attention(nnx.Module):
         rope_base: float | None,
         rope_scale: float = 1.0,
         kv_input_dim: int | None = None,
+        attention_impl: str = "auto",
         param_dtype: jnp.dtype,
         rngs: nnx.Rngs,
     ):
@@ -119,6 +173,7 @@ class Attention(nnx.Module):
         self.query_scale = query_pre_attn_scalar**-0.5
         self.attn_logits_soft_cap = attn_logits_soft_cap
         self.rope_base, self.rope_scale = rope_base, rope_scale
+        self.attention_impl = attention_impl
 
     def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """[B, T, D], [B, T] -> scaled, rotated queries [B, T, N, H]."""
@@ -143,14 +198,44 @@ class Attention(nnx.Module):
         axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
         return KV(sharding.constrain(k, axes), sharding.constrain(v, axes))
 
-    def attend(self, q: jax.Array, kv: KV, mask: jax.Array) -> jax.Array:
-        """Queries [B, T, N, H] over keys/values [B, S, K, H] with mask [B, T, S] -> [B, T, D]."""
+    def attend(self, q: jax.Array, kv: KV, mask: jax.Array | MaskSpec) -> jax.Array:
+        """Queries [B, T, N, H] over keys/values [B, S, K, H] -> [B, T, D].
+
+        mask: a `MaskSpec`, or its [B, T, S] bool values (always the materialising path). The
+        implementation follows `blockwise.select_impl` (module docstring of `nn.blockwise`).
+        """
         b, t, n, h = q.shape
         groups = n // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, h)
-        logits = jnp.einsum("btkgh,bskh->bkgts", q, kv.k)
-        logits = soft_cap(logits, self.attn_logits_soft_cap)
-        logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), _MASK_VALUE)
-        probs = jax.nn.softmax(logits, axis=-1).astype(kv.v.dtype)
-        out = jnp.einsum("bkgts,bskh->btkgh", probs, kv.v).reshape(b, t, n, h)
+        impl = "xla"
+        if isinstance(mask, MaskSpec):
+            impl = blockwise.select_impl(
+                self.attention_impl,
+                q_len=t,
+                kv_len=kv.k.shape[1],
+                soft_cap=self.attn_logits_soft_cap,
+                dtype=q.dtype,
+                head_dim=h,
+            )
+        if impl == "blockwise":
+            q5 = q.reshape(b, t, self.num_kv_heads, groups, h)
+            out = blockwise.attention(q5, kv.k, kv.v, mask, soft_cap=self.attn_logits_soft_cap)
+            out = out.reshape(b, t, n, h)
+        elif impl == "cudnn":
+            out = jax.nn.dot_product_attention(
+                q,
+                kv.k.astype(q.dtype),
+                kv.v.astype(q.dtype),
+                mask=mask.dense()[:, None],
+                scale=1.0,
+                implementation="cudnn",
+            ).astype(kv.v.dtype)
+        else:
+            if isinstance(mask, MaskSpec):
+                mask = mask.dense()
+            q = q.reshape(b, t, self.num_kv_heads, groups, h)
+            logits = jnp.einsum("btkgh,bskh->bkgts", q, kv.k)
+            logits = soft_cap(logits, self.attn_logits_soft_cap)
+            logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), _MASK_VALUE)
+            probs = jax.nn.softmax(logits, axis=-1).astype(kv.v.dtype)
+            out = jnp.einsum("bkgts,bskh->btkgh", probs, kv.v).reshape(b, t, n, h)
         return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(out.dtype))

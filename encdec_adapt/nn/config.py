@@ -48,6 +48,9 @@ class GemmaConfig:
       rms_norm_eps: epsilon inside the RMSNorm square root.
       dropout_rate: dropout after attention and feed-forward sub-blocks (training only).
       dtype: compute dtype of activations; param_dtype: storage dtype of parameters.
+      attention_impl: how attention runs: "auto" (default), "xla" (materialised logits),
+        "blockwise" (flash-style, O(T + S) memory) or "cudnn"; the rule is in `nn.blockwise`.
+        Not an architecture choice: parameters and checkpoints do not depend on it.
     """
 
     family: str = "gemma2"
@@ -72,6 +75,7 @@ class GemmaConfig:
     dropout_rate: float = 0.0
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         # gin and JSON give lists and strings; normalise so configs compare and hash by value.
@@ -88,6 +92,10 @@ class GemmaConfig:
             problems.append("attention_pattern is empty")
         if AttentionType.LOCAL in pattern and not self.sliding_window:
             problems.append("local layers in attention_pattern need a sliding_window")
+        if self.attention_impl not in ("auto", "xla", "blockwise", "cudnn"):
+            problems.append(
+                f"attention_impl={self.attention_impl!r} (expected auto, xla, blockwise or cudnn)"
+            )
         for name in ("dtype", "param_dtype"):
             try:
                 jnp.dtype(getattr(self, name))

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from encdec_adapt.nn import layers
-from encdec_adapt.nn.attention import KV, Attention, attention_mask
+from encdec_adapt.nn.attention import KV, Attention, MaskSpec, concat_keys
 from encdec_adapt.nn.config import AttentionType, EncoderDecoderConfig, GemmaConfig
 from encdec_adapt.nn.transformer import (
     Block,
@@ -111,13 +111,13 @@ class EncoderStack(Stack):
     def __init__(self, cfg: GemmaConfig, *, causal: bool = False, rngs: nnx.Rngs):
         super().__init__(cfg, causal=causal, rngs=rngs)
 
-    def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, jax.Array]:
+    def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, MaskSpec]:
         if self.causal:
             return super().masks(q_pos, q_seg, k_pos, k_seg)
         out = {}
         for t in set(b.attention_type for b in self.blocks):
             window = self.sliding_window + 1 if t == AttentionType.LOCAL else None
-            out[t] = attention_mask(q_pos, q_seg, k_pos, k_seg, causal=False, window=window)
+            out[t] = MaskSpec(q_pos, q_seg, k_pos, k_seg, causal=False, window=window)
         return out
 
 
@@ -195,7 +195,7 @@ class DecoderBlock(Block):
             jnp.concatenate([kv.k, cross_kv.k.astype(kv.k.dtype)], axis=1),
             jnp.concatenate([kv.v, cross_kv.v.astype(kv.v.dtype)], axis=1),
         )
-        out = self.attn.attend(q, joint, jnp.concatenate([mask, cross_mask], axis=-1))
+        out = self.attn.attend(q, joint, concat_keys(mask, cross_mask))
         return self.post_attn_norm(out), kv if cache is not None else None
 
     def __call__(
@@ -205,12 +205,12 @@ class DecoderBlock(Block):
         mask,
         *,
         cross_kv: KV,
-        cross_mask: jax.Array,
+        cross_mask: MaskSpec,
         cache=None,
         cache_index=None,
         rng=None,
     ):
-        """x: [B, T, D]; mask: [B, T, L] self mask; cross_kv: [B, S, K, H]; cross_mask: [B, T, S]
+        """x: [B, T, D]; mask: self mask over L keys; cross_kv: [B, S, K, H]; cross_mask: over S
         -> ([B, T, D], updated layer cache or None)."""
         rngs = [None] * 3 if rng is None else list(jax.random.split(rng, 3))
         if self.merged:
@@ -264,9 +264,7 @@ class DecoderStack(Stack):
         -> ([B, T, D] final-norm states, updated cache or None)."""
         # Decoder tokens see the encoder tokens of their own segment (packing), never padding.
         enc_seg = cross.segment_ids
-        cross_mask = attention_mask(
-            positions, segment_ids, jnp.zeros_like(enc_seg), enc_seg, causal=False
-        )
+        cross_mask = MaskSpec(positions, segment_ids, jnp.zeros_like(enc_seg), enc_seg)
         per_layer = [{"cross_kv": kv, "cross_mask": cross_mask} for kv in cross.kv]
         return super().__call__(
             x, positions, segment_ids, cache=cache, rng=rng, layer_kwargs=per_layer
@@ -389,8 +387,10 @@ class EncoderDecoder(nnx.Module):
         decoder_segment_ids: jax.Array | None = None,
         decoder_positions: jax.Array | None = None,
         rng: jax.Array | None = None,
+        return_hidden: bool = False,
     ) -> jax.Array:
-        """Teacher-forced logits: [B, S] encoder tokens, [B, T] decoder inputs -> [B, T, V].
+        """Teacher-forced logits: [B, S] encoder tokens, [B, T] decoder inputs -> [B, T, V]
+        (the final decoder states [B, T, D] with `return_hidden`).
 
         Unpacked batches need no segment ids (encoder padding is `tokens == 0`); packed batches
         pass the seqio `encoder_segment_ids` / `decoder_segment_ids` and positions.
@@ -411,5 +411,12 @@ class EncoderDecoder(nnx.Module):
             segment_ids=decoder_segment_ids,
             positions=decoder_positions,
             rng=dec_rng,
+            return_hidden=return_hidden,
         )
         return logits
+
+    def output_head(self) -> tuple[jax.Array, float | None]:
+        """The decoder's [V, D] output projection and final soft-cap (chunked losses)."""
+        lm_head = self.decoder.lm_head
+        head = self.decoder_embedder.embedding if lm_head is None else lm_head
+        return head[...], self.config.decoder.final_logit_soft_cap

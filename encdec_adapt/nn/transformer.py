@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from encdec_adapt.nn import layers
-from encdec_adapt.nn.attention import KV, Attention, attention_mask
+from encdec_adapt.nn.attention import KV, Attention, MaskSpec
 from encdec_adapt.nn.config import AttentionType, GemmaConfig
 from encdec_adapt.parallel import sharding
 
@@ -47,6 +47,7 @@ def make_attention(
         rope_base=rope_base,
         rope_scale=rope_scale,
         kv_input_dim=kv_input_dim,
+        attention_impl=cfg.attention_impl,
         param_dtype=cfg.weight_dtype,
         rngs=rngs,
     )
@@ -161,12 +162,12 @@ class Stack(nnx.Module):
         self.blocks = nnx.List([self.block_cls(cfg, t, rngs=rngs) for t in cfg.layer_types])
         self.final_norm = _norm(cfg, cfg.embed_dim, rngs)
 
-    def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, jax.Array]:
-        """The [B, T, S] mask of each attention type, built once for all layers."""
+    def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, MaskSpec]:
+        """The mask of each attention type (its rules; `MaskSpec.dense()` gives [B, T, S])."""
         out = {}
         for t in set(b.attention_type for b in self.blocks):
             window = self.sliding_window if t == AttentionType.LOCAL else None
-            out[t] = attention_mask(q_pos, q_seg, k_pos, k_seg, causal=self.causal, window=window)
+            out[t] = MaskSpec(q_pos, q_seg, k_pos, k_seg, causal=self.causal, window=window)
         return out
 
     def __call__(
@@ -314,6 +315,11 @@ class DecoderOnly(nnx.Module):
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[B, T, D] final hidden states -> [B, T, V] logits (float32 when soft-capped)."""
         return output_logits(hidden, self.config, self.embedder, self.lm_head)
+
+    def output_head(self) -> tuple[jax.Array, float | None]:
+        """The [V, D] output projection `logits` uses and its final soft-cap (chunked losses)."""
+        head = self.embedder.embedding if self.lm_head is None else self.lm_head
+        return head[...], self.config.final_logit_soft_cap
 
     def __call__(
         self,
