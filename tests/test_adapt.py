@@ -149,7 +149,7 @@ def test_warm_start_from_checkpoints_via_gin(tmp_path):
     cfg = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
     # A scoped binding: nothing leaks into other tests' gin configuration.
     with gin.unlock_config():
-        gin.parse_config(f"test_adapt/warm_start.WarmStart.encoder_checkpoint = '{path}'")
+        gin.parse_config(f"test_adapt/encdec_adapt.WarmStart.encoder_checkpoint = '{path}'")
     with gin.config_scope("test_adapt"):
         params = adapt.WarmStart()(cfg)
     want = params_io.flatten(adapt.warm_start(cfg, src))

@@ -178,7 +178,7 @@ def test_import_gemma_cli_reads_kaggle_orbax_layout(tmp_path, capsys):
 
     out = str(tmp_path / "ckpt")
     args = ["import-gemma", "--input", kaggle, "--output", out, "--preset", str(preset)]
-    assert main.main(args) == 1  # 128 embedding rows vs vocab_size 96, and nothing written
+    assert main.main(args) == 2  # 128 embedding rows vs vocab_size 96, and nothing written
     assert "vocab_rows='exact'" in capsys.readouterr().err and not os.path.exists(out)
     assert main.main([*args, "--vocab_rows", "slice"]) == 0
     model = DecoderOnly(cfg, rngs=nnx.Rngs(0))
@@ -202,7 +202,7 @@ def hf_dir(tmp_path):
 def run_import(hf_dir, out, capsys):
     code = main.main(["import-hf", "--input", hf_dir, "--output", out])
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 2  # bad input
     assert not os.path.exists(out) and not os.path.exists(out + ".tmp")
     return err
 
@@ -259,6 +259,6 @@ def test_existing_output_is_not_overwritten(hf_dir, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    assert main.main(["import-hf", "--input", hf_dir, "--output", str(out)]) == 1
+    assert main.main(["import-hf", "--input", hf_dir, "--output", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
