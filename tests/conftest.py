@@ -44,6 +44,8 @@ HEAVY_FIRST = (
     "test_embedding_models.py",
     "test_train_resume.py",
     "test_encdec.py",
+    "test_blockwise.py",
+    "test_install.py",
     "test_infer.py",
     "test_eval_metrics.py",
     "test_retrieval_eval.py",
