@@ -11,7 +11,8 @@ configuration value or a user's input raises one of these, never a bare ValueErr
     CheckpointError     a missing, unreadable or mismatched checkpoint (names the parameter)
     MissingFileError    a file or directory the user named does not exist (a FileNotFoundError)
 
-and TrainingDiverged (a RuntimeError, exit 1): the loss of `train` became NaN or Inf.
+and TrainingDiverged (a RuntimeError, exit 1): the updates of `train` stopped being finite;
+StoppedBySignal: `train` stopped on SIGINT after saving (its exit code, 130).
 
 ConfigError, InputError and CheckpointError are ValueErrors too, so callers that catch
 ValueError keep working. This module imports nothing heavy.
@@ -51,6 +52,15 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or Inf; the message names the step and the last good checkpoint.
 
     Not an EncdecError: the command line exits 1 with the message (no traceback)."""
+
+
+class StoppedBySignal(Exception):
+    """`train` was stopped by a signal that asks for a non-zero exit (SIGINT: 130) after saving
+    a checkpoint; the command line prints the message and exits with `exit_code`."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # Close names: up to this many, at least this similar (difflib ratio).

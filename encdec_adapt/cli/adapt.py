@@ -31,8 +31,9 @@ def adapt_main(argv: list[str]) -> int:
     from encdec_adapt.models.warm_start import WarmStart
     from encdec_adapt.nn.config import load_encdec_preset
     from encdec_adapt.nn.encdec import MODEL_TYPE
-    from encdec_adapt.storage import params_io
+    from encdec_adapt.storage import outputs, params_io
 
+    outputs.check_not_input(args.output, args.encoder, args.decoder)
     params_io.check_writable(args.output, args.overwrite)
     cfg = load_encdec_preset(args.preset)
     params = WarmStart(

@@ -6,8 +6,6 @@ errors.EncdecError: the dispatcher exits 2 with the message.
 
 from __future__ import annotations
 
-import os
-
 import jax
 import numpy as np
 from flax import nnx
@@ -15,10 +13,9 @@ from flax import nnx
 from encdec_adapt.cli import args as args_lib
 from encdec_adapt.convert import gemma
 from encdec_adapt.convert.hf import DECODER_ONLY, abstract_shapes, export_hf, import_hf
-from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import load_preset
 from encdec_adapt.nn.transformer import DecoderOnly
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 
 def _parser(prog: str, description: str) -> args_lib.ArgumentParser:
@@ -72,8 +69,8 @@ def import_gemma_main(argv: list[str]) -> int:
         "carry 256128 rows, HF and the presets 256000 ('slice' drops the extra rows)",
     )
     args = p.parse_args(argv)
-    if os.path.exists(args.output) and not args.overwrite:
-        raise CheckpointError(f"{args.output} already exists (pass --overwrite to replace it)")
+    outputs.check_not_input(args.output, args.input)
+    params_io.check_writable(args.output, args.overwrite)
     cfg = load_preset(args.preset)
     tree = gemma.read_gemma_library(args.input)
     params = gemma.from_gemma_library(tree, cfg, vocab_rows=args.vocab_rows, source=args.input)

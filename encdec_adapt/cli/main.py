@@ -12,6 +12,7 @@ Exit codes, by exception type (here and nowhere else):
      FILE:LINE` lines for the gin bindings it names.
   1  `train` diverged (TrainingDiverged: one line naming the last good checkpoint), or an
      internal error (any other exception: its traceback).
+  130 `train` stopped by SIGINT (Ctrl-C) after saving a checkpoint (StoppedBySignal).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"encdec-adapt {command}: {e.code}", file=sys.stderr)
         return 1
     except Exception as e:
-        from encdec_adapt.errors import EncdecError, TrainingDiverged
+        from encdec_adapt.errors import EncdecError, StoppedBySignal, TrainingDiverged
 
         if isinstance(e, EncdecError):
             print(f"encdec-adapt {command}: {_message(command, e)}", file=sys.stderr)
@@ -225,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, TrainingDiverged):
             print(f"encdec-adapt {command}: {e}", file=sys.stderr)
             return 1
+        if isinstance(e, StoppedBySignal):
+            print(f"encdec-adapt {command}: {e}", file=sys.stderr)
+            return e.exit_code
         traceback.print_exc()
         print(f"encdec-adapt {command}: internal error: {type(e).__name__}", file=sys.stderr)
         return 1

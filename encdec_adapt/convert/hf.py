@@ -17,7 +17,7 @@ from encdec_adapt.convert import gemma, hf_files, t5gemma
 from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import GemmaConfig
 from encdec_adapt.nn.transformer import DecoderOnly
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 DECODER_ONLY = "decoder_only"
 
@@ -72,8 +72,8 @@ def read_hf(hf_dir: str) -> tuple[str, dict, Any]:
 
 def import_hf(hf_dir: str, output: str, *, overwrite: bool = False) -> str:
     """Converts an HF model directory into a params checkpoint at `output`; returns model_type."""
-    if os.path.exists(output) and not overwrite:
-        raise CheckpointError(f"{output} already exists (pass --overwrite to replace it)")
+    outputs.check_not_input(output, hf_dir)
+    params_io.check_writable(output, overwrite)
     model_type, config, params = read_hf(hf_dir)
     params_io.save(output, params, model_type, config, overwrite=overwrite)
     return model_type
@@ -81,8 +81,8 @@ def import_hf(hf_dir: str, output: str, *, overwrite: bool = False) -> str:
 
 def export_hf(ckpt_dir: str, output: str, *, overwrite: bool = False) -> str:
     """Writes the params checkpoint `ckpt_dir` as an HF directory; returns the HF architecture."""
-    if os.path.exists(os.path.join(output, hf_files.CONFIG_JSON)) and not overwrite:
-        raise CheckpointError(f"{output} already holds a model (pass --overwrite to replace it)")
+    outputs.check_not_input(output, ckpt_dir)
+    outputs.check_target(outputs.absolute(output), overwrite, hf_files.HF_DIR)
     model_type, config = params_io.read_model_json(ckpt_dir)
     if model_type not in EXPORTERS:
         raise CheckpointError(
@@ -91,7 +91,7 @@ def export_hf(ckpt_dir: str, output: str, *, overwrite: bool = False) -> str:
         )
     params = jax.tree.map(lambda x: jax.device_get(x), params_io.load(ckpt_dir))
     hf_config, tensors = EXPORTERS[model_type](config, params)
-    hf_files.write(output, hf_config, tensors)
+    hf_files.write(output, hf_config, tensors, overwrite=overwrite)
     return hf_config["architectures"][0]
 
 

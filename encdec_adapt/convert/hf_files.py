@@ -11,10 +11,50 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from encdec_adapt.errors import CheckpointError
+from encdec_adapt.storage import outputs
 
 CONFIG_JSON = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+
+def is_hf_dir(path: str) -> bool:
+    """Whether `path` holds an HF model (config.json and safetensors): what `--overwrite` of
+    export-hf may replace."""
+    if not os.path.isfile(os.path.join(path, CONFIG_JSON)):
+        return False
+    return any(name.endswith(".safetensors") for name in os.listdir(path))
+
+
+HF_DIR = outputs.Kind("HF model directory (config.json + safetensors)", is_hf_dir)
+
+
+def _weight_files(hf_dir: str, index: str) -> list[str]:
+    """The safetensors files an index names, each checked to be a plain file name inside
+    `hf_dir` (an index must not make the importer read elsewhere)."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index} is not valid JSON: {e}") from e
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(
+            f'{index} is malformed: expected {{"weight_map": {{tensor name: file name}}}}'
+        ) from None
+    for name in names:
+        if (
+            not isinstance(name, str)
+            or not name
+            or os.path.isabs(name)
+            or os.path.basename(name) != name
+            or name in (".", "..")
+        ):
+            raise CheckpointError(
+                f"{index}: weight_map names the file {name!r}; only plain file names inside "
+                f"{hf_dir} are read"
+            )
+    return names
 
 
 def read_config(hf_dir: str) -> dict[str, Any]:
@@ -36,9 +76,7 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     """
     index = os.path.join(hf_dir, INDEX_FILE)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = _weight_files(hf_dir, index)
     elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
@@ -57,13 +95,16 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     return tensors
 
 
-def write(hf_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    """Writes config.json and one model.safetensors into `hf_dir` (created if needed)."""
-    os.makedirs(hf_dir, exist_ok=True)
-    save_file(
-        {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-        os.path.join(hf_dir, SINGLE_FILE),
-        metadata={"format": "pt"},
-    )
-    with open(os.path.join(hf_dir, CONFIG_JSON), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+def write(
+    hf_dir: str, config: dict[str, Any], tensors: dict[str, np.ndarray], *, overwrite: bool = False
+) -> None:
+    """Writes config.json and one model.safetensors as the directory `hf_dir`, built under a
+    temporary name and swapped in whole (`overwrite` replaces only an HF model directory)."""
+    with outputs.new_directory(hf_dir, overwrite=overwrite, kind=HF_DIR) as tmp:
+        save_file(
+            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
+            os.path.join(tmp, SINGLE_FILE),
+            metadata={"format": "pt"},
+        )
+        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)

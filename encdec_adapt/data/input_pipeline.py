@@ -289,6 +289,31 @@ class SyntheticConfig:
     seed: int = 0
 
 
+def check_ends(cfg, num_batches: int | None, what: str = "evaluation") -> None:
+    """Raises ConfigError when reading `cfg` for `num_batches` batches (None: until the data
+    ends) would never end: synthetic data and repeating seqio data are endless."""
+    endless = isinstance(cfg, SyntheticConfig) or (isinstance(cfg, DataConfig) and cfg.repeat)
+    if num_batches is None and endless:
+        name = getattr(cfg, "task", "synthetic")
+        raise ConfigError(
+            f"this {what} would never end: its data ({type(cfg).__name__}, task {name!r}) "
+            "repeats forever and no batch count is set; set repeat=False for one pass, or a "
+            "number of batches"
+        )
+
+
+def vocab_size(cfg) -> int | None:
+    """The number of token ids the data can produce (its tokenizer's vocabulary; the largest
+    over a task's features), or None when unknown."""
+    if isinstance(cfg, SyntheticConfig):
+        return cfg.vocab_size
+    if isinstance(cfg, DataConfig):
+        return max(v.vocab_size for v in vocabularies(cfg.task).values())
+    if isinstance(cfg, JsonlInputs):
+        return max(v.vocab_size for v in cfg.vocabularies().values())
+    return None
+
+
 def make_iterator(cfg: DataConfig | SyntheticConfig):
     """The checkpointable iterator of a data config."""
     if isinstance(cfg, SyntheticConfig):

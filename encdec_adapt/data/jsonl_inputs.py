@@ -143,6 +143,21 @@ class Example:
     empty_input: bool
 
 
+def text_lines(path: str) -> Iterator[tuple[int, str]]:
+    """(line number, text without its line break) of every line of a UTF-8 text file; a line that
+    is not UTF-8 raises JsonlInputError naming the file, line and byte."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise JsonlInputError(
+                    f"Invalid input {path}:{number}: not UTF-8 text (byte "
+                    f"0x{raw[e.start]:02x} at column {e.start + 1}); re-encode the file as UTF-8"
+                ) from None
+            yield number, text.removesuffix("\n").removesuffix("\r")
+
+
 def read_jsonl(
     path: str,
     keys: Sequence[str],
@@ -159,30 +174,27 @@ def read_jsonl(
     """
     string_keys = keys if string_keys is None else string_keys
     hints = hints or {}
-    with open(path, encoding="utf-8") as f:
-        for number, raw in enumerate(f, 1):
-            if not raw.strip():
-                continue
-            where = f"Invalid JSONL input {path}:{number}"
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError as e:
+    for number, raw in text_lines(path):
+        if not raw.strip():
+            continue
+        where = f"Invalid JSONL input {path}:{number}"
+        try:
+            record = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise JsonlInputError(
+                f"{where}: not valid JSON ({e.msg} at column {e.colno})"
+            ) from None
+        if not isinstance(record, dict):
+            raise JsonlInputError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for key in keys:
+            if key not in record:
+                hint = f"; {hints[key]}" if key in hints else ""
+                raise JsonlInputError(f"{where}: no key {key!r} (keys: {sorted(record)}{hint})")
+            if key in string_keys and not isinstance(record[key], str):
                 raise JsonlInputError(
-                    f"{where}: not valid JSON ({e.msg} at column {e.colno})"
-                ) from None
-            if not isinstance(record, dict):
-                raise JsonlInputError(
-                    f"{where}: expected a JSON object, got {type(record).__name__}"
+                    f"{where}: {key!r} must be a string, got {type(record[key]).__name__}"
                 )
-            for key in keys:
-                if key not in record:
-                    hint = f"; {hints[key]}" if key in hints else ""
-                    raise JsonlInputError(f"{where}: no key {key!r} (keys: {sorted(record)}{hint})")
-                if key in string_keys and not isinstance(record[key], str):
-                    raise JsonlInputError(
-                        f"{where}: {key!r} must be a string, got {type(record[key]).__name__}"
-                    )
-            yield number, record
+        yield number, record
 
 
 def read_examples(cfg: JsonlInputs, vocabs: dict) -> list[Example]:

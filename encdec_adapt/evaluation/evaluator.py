@@ -137,6 +137,8 @@ def batches(
     rows, which are not valid (nor are the rows a JSONL file pads its last batch with).
     `select(index, local batch)` picks (and checks) the features to feed.
     """
+    if iterator is None:
+        input_pipeline.check_ends(data_cfg, num_batches)
     it = input_pipeline.make_iterator(data_cfg) if iterator is None else iterator
     for i, local in enumerate(it):
         if num_batches is not None and i >= num_batches:

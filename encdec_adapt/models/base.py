@@ -106,6 +106,22 @@ class BaseModel(abc.ABC):
         """What `params_io` writes to model.json (rebuilds the network)."""
         return self.config.to_dict()
 
+    def vocab_size(self) -> int | None:
+        """The fewest embedding rows of any of the network's token tables (every `vocab_size`
+        in its config): token ids must stay below it. None when the config has none."""
+        sizes = []
+
+        def walk(node):
+            if isinstance(node, dict):
+                for key, value in node.items():
+                    if key == "vocab_size" and isinstance(value, int):
+                        sizes.append(value)
+                    else:
+                        walk(value)
+
+        walk(self.config_dict())
+        return min(sizes) if sizes else None
+
     def on_mesh(self, mesh: Any, rules: Any) -> BaseModel:
         """This model for steps traced on `mesh` with `rules` (the trainer calls it once): a
         model whose loss depends on how the batch is split (the contrastive loss over the

@@ -24,6 +24,7 @@ task's prompt; ranking is exact, by cosine. BM25 reads the raw texts without pro
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import time
@@ -36,7 +37,7 @@ from flax import nnx
 
 from encdec_adapt.data import contrastive, identifiers, input_pipeline, registry
 from encdec_adapt.data.counters import Counters
-from encdec_adapt.data.jsonl_inputs import read_jsonl
+from encdec_adapt.data.jsonl_inputs import read_jsonl, text_lines
 from encdec_adapt.errors import CheckpointError, ConfigError, InputError, MissingFileError
 from encdec_adapt.evaluation.bm25 import evaluate_bm25
 from encdec_adapt.evaluation.encode import EncodeStats, TextEncoder
@@ -45,7 +46,7 @@ from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
 from encdec_adapt.runtime.trainer import Trainer
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 SIDES = ("query", "document")
 METRIC_TITLES = {
@@ -71,8 +72,7 @@ def read_texts(path: str, text_key: str = "text", id_key: str | None = None):
     if not os.path.isfile(path):
         raise MissingFileError(f"embed: input file {path!r} does not exist")
     if not path.endswith((".jsonl", ".json")):
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
+        lines = [text for _, text in text_lines(path)]
         return lines, list(range(1, len(lines) + 1))
     keys = [text_key] + ([id_key] if id_key is not None else [])
     texts, ids = [], []
@@ -225,25 +225,27 @@ def _stats_line(what: str, stats: EncodeStats, length: int) -> str:
 
 
 def _write_rows(output_dir: str, name: str, emb: np.ndarray, ids: Sequence, stats: EncodeStats):
-    """name.npy ([N, E] float32) and name.jsonl (one line per row, in row order)."""
-    np.save(os.path.join(output_dir, f"{name}.npy"), emb)
+    """name.npy ([N, E] float32) and name.jsonl (one line per row, in row order), each written
+    whole (temporary name, then rename)."""
+    buffer = io.BytesIO()
+    np.save(buffer, emb)
+    outputs.write_file(os.path.join(output_dir, f"{name}.npy"), buffer.getvalue())
     truncated, empty = set(stats.truncated_rows), set(stats.empty_rows)
-    with open(os.path.join(output_dir, f"{name}.jsonl"), "w") as f:
-        for row, (id_, length) in enumerate(zip(ids, stats.lengths)):
-            record = {
-                "row": row,
-                "id": id_,
-                "tokens": length,
-                "truncated": row in truncated,
-                "empty": row in empty,
-            }
-            f.write(json.dumps(record) + "\n")
+    lines = []
+    for row, (id_, length) in enumerate(zip(ids, stats.lengths)):
+        record = {
+            "row": row,
+            "id": id_,
+            "tokens": length,
+            "truncated": row in truncated,
+            "empty": row in empty,
+        }
+        lines.append(json.dumps(record) + "\n")
+    outputs.write_file(os.path.join(output_dir, f"{name}.jsonl"), "".join(lines))
 
 
 def _write_json(path: str, value) -> None:
-    with open(path, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
+    outputs.write_file(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _check(name: str, value, low: int) -> None:
@@ -343,6 +345,7 @@ def embed(
     else:
         vocab = registry.vocabulary()
     if input_file is not None:
+        outputs.check_not_input(output_dir, input_file)
         texts, ids = read_texts(input_file, text_key, id_key)
         if not texts:
             raise InputError(f"embed: input file {input_file!r} holds no texts")
@@ -355,7 +358,7 @@ def embed(
     encoder = TextEncoder(
         module, vocab, max_length=max_length, batch_size=batch_size, text_transform=transform
     )
-    os.makedirs(output_dir, exist_ok=True)
+    os.makedirs(outputs.absolute(output_dir), exist_ok=True)
     opts = dict(normalize=normalize, truncate_dim=truncate_dim, progress=progress)
 
     if input_file is not None:
@@ -439,7 +442,6 @@ def embed(
     text = "\n".join(lines) + "\n"
     if report:
         _write_json(os.path.join(output_dir, "retrieval_report.json"), summary)
-        with open(os.path.join(output_dir, "retrieval_report.md"), "w") as f:
-            f.write(text)
+        outputs.write_file(os.path.join(output_dir, "retrieval_report.md"), text)
     print(text, flush=True)
     return summary

@@ -3,12 +3,12 @@ arguments and the text files that process 0 writes."""
 
 from __future__ import annotations
 
-import os
-
 import gin
 import jax
 
-from encdec_adapt.errors import ConfigError
+from encdec_adapt.data import input_pipeline
+from encdec_adapt.errors import ConfigError, InputError
+from encdec_adapt.storage import outputs
 
 
 def require(entry: str, **values) -> None:
@@ -29,8 +29,22 @@ def check_positive(name: str, value) -> None:
 
 
 def write_text(path: str, text: str) -> None:
-    """Writes `path` (creating its directory) on process 0 only."""
+    """Writes `path` whole (temporary name, then rename; its directory created; a bare file name
+    is in the working directory) on process 0 only."""
     if jax.process_index() == 0:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "w") as f:
-            f.write(text)
+        outputs.write_file(path, text)
+
+
+def check_vocabulary(model, data_cfg, binding: str) -> None:
+    """Raises InputError when the data's tokenizer can produce ids the model has no embedding
+    row for (they would be looked up out of range: NaN losses, scores and embeddings), before
+    any compute. `binding` names the data setting, e.g. "train.train_data"."""
+    data_size, model_size = input_pipeline.vocab_size(data_cfg), model.vocab_size()
+    if data_size is None or model_size is None or data_size <= model_size:
+        return
+    name = getattr(data_cfg, "task", None) or getattr(data_cfg, "path", None) or "synthetic"
+    raise InputError(
+        f"{binding} ({name}): its tokenizer has {data_size} ids but the model's vocabulary "
+        f"(embedding rows, vocab_size) is {model_size}: ids >= {model_size} have no embedding. "
+        "Use the model's tokenizer, or a model config with vocab_size >= the tokenizer's"
+    )

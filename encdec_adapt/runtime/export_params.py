@@ -26,7 +26,7 @@ from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
 from encdec_adapt.runtime.trainer import Trainer
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 CONFIG_FILE = "config.gin"
 
@@ -72,6 +72,7 @@ def export_params(model_dir: str, output: str, step: int | None = None, *, overw
     output exists and `overwrite` is False).
     """
     model_dir = os.path.abspath(model_dir)
+    outputs.check_not_input(output, model_dir)
     params_io.check_writable(output, overwrite)
     model = model_from_run(model_dir)
     rules = sharding.MeshRules()

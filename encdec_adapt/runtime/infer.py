@@ -28,7 +28,7 @@ from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, entrypoints, optim
 from encdec_adapt.runtime.metrics_log import MetricsLogger
 from encdec_adapt.runtime.trainer import Trainer
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 
 def _restore_params(trainer: Trainer, model_dir: str | None, params_from: str | None):
@@ -119,6 +119,8 @@ def infer(
             "Invalid JsonlInputs: target_key=None, but infer.mode='score' needs targets "
             "(e.g. JsonlInputs.target_key = 'targets')"
         )
+    if jsonl:
+        outputs.check_not_input(output_file, infer_data.path)
     # The data first: a bad file or task name fails before any compute.
     iterator = input_pipeline.make_iterator(infer_data)
     vocabs = iterator.vocabs if jsonl else input_pipeline.vocabularies(infer_data.task)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 
 def average_params(trees: Sequence[dict], weights: Sequence[float] | None = None) -> dict:
@@ -33,6 +33,7 @@ def soup_checkpoints(
     paths: Sequence[str], output: str, weights: Sequence[float] | None = None
 ) -> None:
     """Averages params checkpoints of one model type and config into `output`."""
+    outputs.check_not_input(output, *paths)
     described = [params_io.read_model_json(p) for p in paths]
     for path, d in zip(paths[1:], described[1:]):
         if d != described[0]:

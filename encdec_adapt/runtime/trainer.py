@@ -34,12 +34,24 @@ PyTree = Any
 
 class TrainState(NamedTuple):
     """step: int32 scalar (optimizer steps taken); params: nested dict of arrays;
-    opt_state: the optax state; rng: uint32[2] key, folded with the step for dropout."""
+    opt_state: the optax state; rng: uint32[2] key, folded with the step for dropout;
+    skipped: int32 scalar, consecutive steps whose update was not finite (and was not applied)."""
 
     step: jax.Array
     params: PyTree
     opt_state: PyTree
     rng: jax.Array
+    skipped: jax.Array
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """bool scalar: every floating-point element of `tree` is finite."""
+    leaves = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
 
 
 def batch_spec(mesh: Mesh, rules: sharding.MeshRules, shape: tuple[int, ...]) -> PartitionSpec:
@@ -108,6 +120,7 @@ class Trainer:
             params=param_shardings,
             opt_state=self._opt_shardings(abstract_opt, param_shardings, replicated),
             rng=replicated,
+            skipped=replicated,
         )
         self.replicated = replicated
         self._train_step = None
@@ -150,6 +163,7 @@ class Trainer:
             params=params,
             opt_state=self.tx.init(params),
             rng=jax.random.key_data(jax.random.key(self.seed + 1)),
+            skipped=jnp.zeros((), jnp.int32),
         )
 
     def init_state(self) -> TrainState:
@@ -246,12 +260,27 @@ class Trainer:
             (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro))
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        # Nothing non-finite may reach the state (and so a checkpoint): a step whose loss,
+        # gradients or new parameters are not finite keeps the old parameters and optimizer
+        # state (optax.apply_if_finite's rule) and counts itself in `skipped`; the loop stops
+        # the run when the count passes its limit.
+        finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm) & all_finite(params)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        skipped = jnp.where(finite, 0, state.skipped + 1).astype(jnp.int32)
         metrics = dict(
             metrics,
-            grad_norm=optax.global_norm(grads),
+            grad_norm=grad_norm,
             learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32),
+            skipped_updates=skipped,
         )
-        new_state = TrainState(state.step + 1, params, opt_state, state.rng)
+        new_state = TrainState(
+            state.step + 1,
+            keep(params, state.params),
+            keep(opt_state, state.opt_state),
+            state.rng,
+            skipped,
+        )
         return new_state, metrics
 
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]):

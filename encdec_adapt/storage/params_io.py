@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -21,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from encdec_adapt import errors
+from encdec_adapt.storage import outputs
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -37,8 +37,13 @@ def flatten(tree: PyTree) -> dict[str, Any]:
     """Nested dict -> {"a/b/c": leaf}."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        out["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)] = leaf
+        out["/".join(str(_key(k)) for k in path)] = leaf
     return out
+
+
+def _key(k) -> Any:
+    """A path entry's name: dict key, sequence index or (NamedTuple) attribute."""
+    return getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))
 
 
 def unflatten(flat: dict[str, Any]) -> dict:
@@ -77,32 +82,35 @@ def check_compatible(expected: PyTree, given: PyTree, source: str) -> None:
         raise CheckpointError(f"{source}: unknown parameter {unknown[0]!r} ({len(unknown)} in all)")
 
 
+def is_params_checkpoint(path: str) -> bool:
+    """Whether `path` is a params checkpoint directory (what `--overwrite` may replace)."""
+    return os.path.isfile(os.path.join(path, MODEL_JSON))
+
+
+PARAMS_CHECKPOINT = outputs.Kind("params checkpoint", is_params_checkpoint)
+
+
 def check_writable(path: str, overwrite: bool) -> None:
-    """Raises CheckpointError when the output `path` exists and `overwrite` is False; the commands
-    that write a params checkpoint call it before any slow work, so a bad --output fails fast."""
-    if os.path.exists(path) and not overwrite:
-        raise CheckpointError(f"{path} already exists (pass --overwrite to replace it)")
+    """Raises CheckpointError when the output `path` exists and may not be replaced (no
+    `overwrite`, or not a params checkpoint); the commands that write a params checkpoint call it
+    before any slow work, so a bad --output fails fast."""
+    outputs.check_target(outputs.absolute(path), overwrite, PARAMS_CHECKPOINT)
 
 
 def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=False) -> None:
     """Writes `params` (a nested dict of arrays) and the model description to `path`.
 
-    The directory is written under a temporary name and renamed at the end, so an interrupted save
-    never leaves something that looks like a checkpoint.
+    The directory is written under a temporary name and swapped in at the end
+    (`outputs.new_directory`): an interrupted save never leaves something that looks like a
+    checkpoint, and an older checkpoint it replaces is kept until the new one is complete.
     """
-    path = os.path.abspath(path)
-    check_writable(path, overwrite)
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    ckpt = ocp.StandardCheckpointer()
-    ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
-    ckpt.wait_until_finished()
-    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-        json.dump({"model_type": model_type, "config": config}, f, indent=2, sort_keys=True)
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with outputs.new_directory(path, overwrite=overwrite, kind=PARAMS_CHECKPOINT) as tmp:
+        ckpt = ocp.StandardCheckpointer()
+        ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
+        ckpt.wait_until_finished()
+        ckpt.close()
+        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+            json.dump({"model_type": model_type, "config": config}, f, indent=2, sort_keys=True)
 
 
 def read_model_json(path: str) -> tuple[str, dict]:
