@@ -26,6 +26,8 @@ import sys
 import tempfile
 import traceback
 
+from encdec_adapt import signals
+
 
 @dataclasses.dataclass(frozen=True)
 class Command:
@@ -199,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     quiet_environment()
     spec = COMMANDS[command]
+    if command == "train":  # a stop signal during start-up ends in an orderly stop too
+        signals.record()
     gin_run = None
     try:
         if spec.tensorflow:
@@ -232,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         traceback.print_exc()
         print(f"encdec-adapt {command}: internal error: {type(e).__name__}", file=sys.stderr)
         return 1
+    finally:
+        signals.restore()
 
 
 if __name__ == "__main__":

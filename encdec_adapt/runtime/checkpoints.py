@@ -290,9 +290,12 @@ class Checkpointer:
             ),
         )
 
-    def check(self, step: int, abstract_state: Any, settings: dict, allowed=()) -> dict | None:
-        """Checks that `step` fits this run (metadata and settings; nothing read but metadata):
-        raises CheckpointMismatch or CorruptCheckpoint; returns the step's run record."""
+    def check(
+        self, step: int, abstract_state: Any, settings: dict | None, allowed=()
+    ) -> dict | None:
+        """Checks that `step` fits this run (metadata, and `settings` unless None; nothing read
+        but metadata): raises CheckpointMismatch or CorruptCheckpoint; returns the step's run
+        record."""
         where = f"checkpoint {self.directory}/{step}"
         meta = self._retrying(
             f"the metadata of step {step}", lambda: self.manager.item_metadata(step)["state"]
@@ -301,7 +304,7 @@ class Checkpointer:
             raise CorruptCheckpoint("no state metadata")
         check_fits(meta, abstract_state._asdict(), where)
         record = self._run_record(step)
-        if record is not None:
+        if record is not None and settings is not None:
             check_settings(record.get("settings", {}), settings, where, tuple(allowed))
         return record
 
@@ -371,7 +374,7 @@ class Checkpointer:
         """(state, data position, step) of the newest good checkpoint, or None when there is none.
 
         A step that does not fit this run raises CheckpointMismatch (nothing moved); a corrupt
-        step is quarantined and the previous step tried.
+        step is quarantined and the previous step tried. `settings` None: not compared.
         """
         while True:
             steps = self.all_steps()
@@ -379,7 +382,7 @@ class Checkpointer:
                 return None
             step = steps[-1]
             try:
-                record = self.check(step, abstract_state, settings or {}, allowed)
+                record = self.check(step, abstract_state, settings, allowed)
                 state, data = self.restore(step, abstract_state, record)
                 corrupt = None
             except CorruptCheckpoint as e:

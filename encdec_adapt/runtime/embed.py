@@ -44,7 +44,7 @@ from encdec_adapt.evaluation.encode import EncodeStats, TextEncoder
 from encdec_adapt.evaluation.retrieval_metrics import METRICS, RetrievalSplit
 from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
-from encdec_adapt.runtime import checkpoints, optim
+from encdec_adapt.runtime import checkpoints, entrypoints, optim
 from encdec_adapt.runtime.trainer import Trainer
 from encdec_adapt.storage import outputs, params_io
 
@@ -352,6 +352,7 @@ def embed(
     else:
         eval_split = retrieval_split(task, split)
 
+    entrypoints.check_vocab_size(model, vocab.vocab_size, "embed's vocabulary")
     module, source = load_towers(
         model, model_dir=model_dir, params_from=params_from, mesh_rules=mesh_rules, seed=seed
     )

@@ -37,14 +37,20 @@ def write_text(path: str, text: str) -> None:
 
 def check_vocabulary(model, data_cfg, binding: str) -> None:
     """Raises InputError when the data's tokenizer can produce ids the model has no embedding
-    row for (they would be looked up out of range: NaN losses, scores and embeddings), before
-    any compute. `binding` names the data setting, e.g. "train.train_data"."""
-    data_size, model_size = input_pipeline.vocab_size(data_cfg), model.vocab_size()
+    row for, before any compute. `binding` names the data setting, e.g. "train.train_data"."""
+    name = getattr(data_cfg, "task", None) or getattr(data_cfg, "path", None) or "synthetic"
+    check_vocab_size(model, input_pipeline.vocab_size(data_cfg), f"{binding} ({name})")
+
+
+def check_vocab_size(model, data_size: int | None, what: str) -> None:
+    """Raises InputError when a tokenizer of `data_size` ids (`what` names it) feeds a model with
+    fewer embedding rows: ids >= the model's vocab_size would be looked up out of range (NaN
+    losses, scores and embeddings)."""
+    model_size = model.vocab_size()
     if data_size is None or model_size is None or data_size <= model_size:
         return
-    name = getattr(data_cfg, "task", None) or getattr(data_cfg, "path", None) or "synthetic"
     raise InputError(
-        f"{binding} ({name}): its tokenizer has {data_size} ids but the model's vocabulary "
-        f"(embedding rows, vocab_size) is {model_size}: ids >= {model_size} have no embedding. "
-        "Use the model's tokenizer, or a model config with vocab_size >= the tokenizer's"
+        f"{what}: its tokenizer has {data_size} ids but the model's vocabulary (embedding rows, "
+        f"vocab_size) is {model_size}: ids >= {model_size} have no embedding. Use the model's "
+        "tokenizer, or a model config with vocab_size >= the tokenizer's"
     )

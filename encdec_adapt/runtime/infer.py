@@ -62,6 +62,8 @@ def evaluate(
     its score metrics score the targets.
     """
     entrypoints.require("evaluate", model_dir=model_dir, params_from=params_from)
+    input_pipeline.check_ends(eval_data, eval_batches)
+    entrypoints.check_vocabulary(model, eval_data, "evaluate.eval_data")
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)
     result = evaluation.run_eval(
@@ -123,6 +125,7 @@ def infer(
         outputs.check_not_input(output_file, infer_data.path)
     # The data first: a bad file or task name fails before any compute.
     iterator = input_pipeline.make_iterator(infer_data)
+    entrypoints.check_vocabulary(model, infer_data, "infer.infer_data")
     vocabs = iterator.vocabs if jsonl else input_pipeline.vocabularies(infer_data.task)
     trainer = Trainer(model, optim.OptimizerConfig(), mesh_rules.make_mesh(), mesh_rules)
     params = _restore_params(trainer, model_dir, params_from)

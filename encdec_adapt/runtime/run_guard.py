@@ -22,6 +22,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from encdec_adapt import signals as early_signals
 from encdec_adapt.errors import ConfigError
 
 LOCK_FILE = "lock.json"
@@ -116,7 +117,7 @@ class StopSignals:
     after the first). `exit_code`: 0 for SIGTERM (a preempted run saved its work), 130 for
     SIGINT."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = early_signals.STOP_SIGNALS
 
     def __init__(self):
         self.received: int | None = None
@@ -128,10 +129,17 @@ class StopSignals:
             signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.SIG_DFL))
 
     def __enter__(self) -> StopSignals:
+        if early_signals.received:  # arrived during start-up (cli/main.py recorded them)
+            self.received = early_signals.received[0]
+            early_signals.received.clear()
         for sig in self.SIGNALS:
             # not possible off the main thread (e.g. a test harness thread): then no handler
             with contextlib.suppress(ValueError):
-                self._previous[sig] = signal.signal(sig, self._handler)
+                previous = signal.signal(sig, self._handler)
+                # the start-up recorder is not worth restoring: the default action is
+                self._previous[sig] = (
+                    signal.SIG_DFL if previous == early_signals.on_signal else previous
+                )
         return self
 
     def __exit__(self, *exc) -> None:

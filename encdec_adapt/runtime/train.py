@@ -104,14 +104,20 @@ def _initial_state(trainer, ckpt, data, model, model_dir, warm_start_from, setti
 
 
 def _next_batch(data, train_data, step: int):
+    """The next local batch; InputError when the data has ended (a last, partial batch is not
+    trained on: every step is compiled for one batch size)."""
+    rows = train_data.batch_size // jax.process_count()
     try:
-        return next(data)
+        batch = next(data)
+        if all(len(x) == rows for x in batch.values()):
+            return batch
     except StopIteration:
-        name = getattr(train_data, "task", type(train_data).__name__)
-        raise InputError(
-            f"train.train_data ({name}) ran out of batches at step {step}: training data must "
-            "repeat (DataConfig.repeat=True, the default); the state of this step is saved"
-        ) from None
+        pass
+    name = getattr(train_data, "task", type(train_data).__name__)
+    raise InputError(
+        f"train.train_data ({name}) ran out of batches at step {step}: training data must "
+        "repeat (DataConfig.repeat=True, the default); the state of this step is saved"
+    )
 
 
 @gin.configurable(module="encdec_adapt", denylist=["stop_after"])

@@ -44,16 +44,6 @@ class TrainState(NamedTuple):
     skipped: jax.Array
 
 
-def all_finite(tree: PyTree) -> jax.Array:
-    """bool scalar: every floating-point element of `tree` is finite."""
-    leaves = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree.leaves(tree)
-        if jnp.issubdtype(x.dtype, jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
-
-
 def batch_spec(mesh: Mesh, rules: sharding.MeshRules, shape: tuple[int, ...]) -> PartitionSpec:
     """Rows over the batch axes (data, fsdp), everything else replicated."""
     axes = ("activation_batch",) + (None,) * (len(shape) - 1)
@@ -262,10 +252,17 @@ class Trainer:
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
         # Nothing non-finite may reach the state (and so a checkpoint): a step whose loss,
-        # gradients or new parameters are not finite keeps the old parameters and optimizer
-        # state (optax.apply_if_finite's rule) and counts itself in `skipped`; the loop stops
-        # the run when the count passes its limit.
-        finite = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm) & all_finite(params)
+        # gradient norm, update norm or new parameter norm is not finite keeps the old
+        # parameters and optimizer state (optax.apply_if_finite's rule) and counts itself in
+        # `skipped`; the loop stops the run when the count passes its limit. The norms are float32
+        # sums of squares, so values beyond ~1e19 count as overflow too: a huge but finite update
+        # (a learning rate of 1e30) would otherwise be saved and make every later step NaN.
+        finite = (
+            jnp.isfinite(metrics["loss_sum"])
+            & jnp.isfinite(grad_norm)
+            & jnp.isfinite(optax.global_norm(updates))
+            & jnp.isfinite(optax.global_norm(params))
+        )
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = jnp.where(finite, 0, state.skipped + 1).astype(jnp.int32)
         metrics = dict(
