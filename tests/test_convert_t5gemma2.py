@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from encdec_adapt.cli import main
 from encdec_adapt.convert import t5gemma2
+from encdec_adapt.models.warm_start import encdec_shapes
 from encdec_adapt.nn.config import EncoderDecoderConfig, GemmaConfig
 from encdec_adapt.nn.encdec import EncoderDecoder
 from encdec_adapt.storage import params_io
@@ -109,7 +110,9 @@ def our_logits(model, enc, dec) -> np.ndarray:
 def load_ours(ckpt: str) -> EncoderDecoder:
     model_type, config = params_io.read_model_json(ckpt)
     assert model_type == t5gemma2.ENCODER_DECODER
-    model = EncoderDecoder(EncoderDecoderConfig.from_dict(config), rngs=nnx.Rngs(1))
+    cfg = EncoderDecoderConfig.from_dict(config)
+    # An abstract model filled from the checkpoint: an eager init compiles every shape.
+    model = nnx.eval_shape(lambda: EncoderDecoder(cfg, rngs=nnx.Rngs(1)))
     params_io.load_into(model, ckpt)
     return model
 
@@ -140,7 +143,7 @@ def test_import_logits_parity(hf_model, tmp_path, caplog):
     np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
     assert np.ptp(theirs) > 1.0  # not vacuous: the capped logits spread over several units
     # Step-by-step decoding from the imported model reproduces HF's teacher-forced logits too.
-    cross = model.cross_inputs(model.encode(jnp.asarray(enc)))
+    cross = nnx.jit(lambda m, e: m.cross_inputs(m.encode(e)))(model, jnp.asarray(enc))
     cache = model.init_cache(len(ENC_LENGTHS), DEC_LEN)
     step = nnx.jit(lambda m, t, c, k: m.decode(t, c, cache=k))
     for t in range(DEC_LEN):
@@ -187,12 +190,12 @@ def our_config(encoder_window: str = "split") -> EncoderDecoderConfig:
 
 
 def random_params(cfg: EncoderDecoderConfig, seed: int = 0) -> dict:
-    """Random params with every leaf perturbed (norm scales start at 0 otherwise)."""
-    params = params_io.model_params(EncoderDecoder(cfg, rngs=nnx.Rngs(seed)))
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + 0.2 * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(tree, noisy)
+    """Random normal params (std 0.2, norm scales included) in the layout of `cfg`, drawn with
+    numpy: an eager init of the model would compile every parameter shape."""
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: (0.2 * rng.standard_normal(x.shape)).astype(np.float32), encdec_shapes(cfg)
+    )
 
 
 EOI = 90  # an in-vocabulary end-of-image id for the tests (transformers' default is 256000)
@@ -238,25 +241,19 @@ def test_in_memory_tensor_names_import_too(hf_model, tmp_path):
     """transformers names the encoder's text stack `model.encoder.text_model.*` in memory and
     saves it without `text_model.`; a file in the in-memory form imports the same."""
     hf_dir, _ = hf_model
-    alt = str(tmp_path / "alt")
-    os.makedirs(alt)
-    tensors = load_file(os.path.join(hf_dir, "model.safetensors"))
-    renamed = {
-        k.replace("model.encoder.", "model.encoder.text_model.", 1)
-        if k.startswith(
-            ("model.encoder.embed_tokens", "model.encoder.layers", "model.encoder.norm")
-        )
-        else k: v
-        for k, v in tensors.items()
-    }
-    assert "model.encoder.text_model.layers.0.self_attn.q_proj.weight" in renamed
-    save_file(renamed, os.path.join(alt, "model.safetensors"))
-    with open(os.path.join(alt, "config.json"), "w") as f:
-        json.dump(json.load(open(os.path.join(hf_dir, "config.json"))), f)
+    text_stack = ("model.encoder.embed_tokens", "model.encoder.layers", "model.encoder.norm")
+
+    def in_memory_names(tensors):
+        for k in [k for k in tensors if k.startswith(text_stack)]:
+            tensors[k.replace("model.encoder.", "model.encoder.text_model.", 1)] = tensors.pop(k)
+        assert "model.encoder.text_model.layers.0.self_attn.q_proj.weight" in tensors
+
+    alt = copy_hf_dir(hf_dir, str(tmp_path / "alt"), edit_tensors=in_memory_names)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     assert main.main(["import-hf", "--input", hf_dir, "--output", a]) == 0
     assert main.main(["import-hf", "--input", alt, "--output", b]) == 0
     want, got = params_io.flatten(params_io.load(a)), params_io.flatten(params_io.load(b))
+    assert set(got) == set(want)
     for name, w in want.items():
         np.testing.assert_array_equal(np.asarray(got[name]), np.asarray(w), err_msg=name)
 
@@ -289,6 +286,20 @@ def test_wrong_shape_names_tensor_and_shapes(hf_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert name in err and "(16, 24)" in err and "(16, 32)" in err
     assert not os.path.exists(out)
+
+
+def test_in_vocabulary_end_of_image_embedding_is_reported(hf_model, tmp_path, caplog):
+    """An end-of-image id inside the vocabulary whose `eoi_embedding` differs from its scaled
+    row: the text import embeds it as the row, and says so."""
+    hf_dir, _ = hf_model
+
+    def eoi_in_vocab(config):
+        config["encoder"]["eoi_token_index"] = config["eoi_token_index"] = EOI
+
+    alt = copy_hf_dir(hf_dir, str(tmp_path / "eoi"), edit_config=eoi_in_vocab)
+    with caplog.at_level(logging.WARNING):
+        assert main.main(["import-hf", "--input", alt, "--output", str(tmp_path / "o")]) == 0
+    assert f"end-of-image embedding of token {EOI}" in caplog.text
 
 
 def test_untied_embeddings_are_refused(hf_model, tmp_path, capsys):
@@ -329,13 +340,21 @@ def gin_preset(path: str, name: str, gemma: dict, **switches) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def gemma3_lm(tmp_path_factory):
+    """A random tiny HF Gemma 3 causal LM imported as a decoder-only params checkpoint."""
+    root = tmp_path_factory.mktemp("gemma3")
+    hf_fixtures.save_gemma(str(root / "hf"), "gemma3", seed=1)
+    lm = str(root / "lm")
+    assert main.main(["import-hf", "--input", str(root / "hf"), "--output", lm]) == 0
+    return lm
+
+
 @pytest.mark.parametrize("window", ["split", "inclusive"])
-def test_adapted_gemma3_is_served_by_transformers(tmp_path, window):
+def test_adapted_gemma3_is_served_by_transformers(gemma3_lm, tmp_path, window):
     """`adapt` a tiny Gemma 3 (imported from HF) with the T5Gemma 2 switches, export it, and run
     it in transformers. An inclusive encoder window W is exported as the split window 2W + 1."""
-    hf_fixtures.save_gemma(str(tmp_path / "gemma3"), "gemma3", seed=1)
-    lm = str(tmp_path / "lm")
-    assert main.main(["import-hf", "--input", str(tmp_path / "gemma3"), "--output", lm]) == 0
+    lm = gemma3_lm
     _, gemma = params_io.read_model_json(lm)
     preset = gin_preset(
         str(tmp_path / "t5g2_tiny.gin"),

@@ -297,7 +297,7 @@ def export_encoder_decoder(config: dict, params: Any) -> tuple[dict, dict]:
     tensors = gemma.export_tensors(rules(cfg), params_io.flatten(params))
     table = tensors["model.encoder.embed_tokens.weight"]
     eoi = np.zeros(table.shape[1], np.float32)
-    if EOI_TOKEN_INDEX < table.shape[0]:
+    if table.shape[0] > EOI_TOKEN_INDEX:
         eoi = table[EOI_TOKEN_INDEX] * np.float32(cfg.encoder.embed_dim**0.5)
     tensors[_EOI["encoder"]] = eoi
     return hf_config, tensors

@@ -11,6 +11,11 @@ Numerics follow HF `T5GemmaForConditionalGeneration` (checked by a parity test):
   - dropout on the scaled embeddings, on every residual branch and after the final norm. (HF
     also drops inside the GeGLU and on attention probabilities; the shared `FeedForward` and
     `Attention` have no dropout, so training regularisation differs slightly; eval is identical.)
+The T5Gemma 2 switches follow HF `T5Gemma2ForConditionalGeneration` (parity tests in
+tests/test_convert_t5gemma2.py): one table embeds encoder and decoder inputs and gives the
+logits; the decoder's self-attention queries see [causal self keys; encoder keys] in one softmax,
+the encoder keys through the same k/v projections with k_norm and no RoPE; the encoder's local
+layers see `sliding_window` keys split around the query (`encoder_window="split"`).
 
 Parameter paths (what freezing regexes and warm starts match, `params_io.flatten` form):
   encoder/embedder/embedding                         [V_enc, D_enc]
