@@ -56,6 +56,8 @@ def _masks(kind, t, s, rng):
         return MaskSpec(pos_t, ones_t, pos_t, ones_t, causal=True, window=7)
     if kind == "symmetric_window":
         return MaskSpec(pos_t, ones_t, pos_t, ones_t, window=6)
+    if kind == "split_window":  # T5Gemma 2's encoder: fewer keys behind than ahead
+        return MaskSpec(pos_t, ones_t, pos_t, ones_t, window=3, window_ahead=11)
     if kind == "packed":
         seg = _packed_segments(rng, t, pad=5)
         pos = default_positions(seg)
@@ -83,6 +85,7 @@ KINDS = [
     "bidirectional",
     "causal_window",
     "symmetric_window",
+    "split_window",
     "packed",
     "packed_bidirectional",
     "cross",

@@ -131,6 +131,21 @@ def test_encoder_is_bidirectional_with_inclusive_window():
         np.testing.assert_array_equal(np.nonzero(diff > 0)[0], affected)
 
 
+def test_encoder_split_window():
+    # T5Gemma 2 (transformers): window 4 is 4 keys around the query, 2 behind (the query
+    # included) and 2 ahead, so token 5 reaches queries 3, 4 (ahead of them), 5 and 6.
+    enc_cfg = TINY.replace(num_layers=1, attention_pattern=("local",), sliding_window=4)
+    model = build(EncoderDecoderConfig(encoder=enc_cfg, decoder=TINY, encoder_window="split"))
+    x = tokens((1, 8), 2)
+    base = encode(model, x).hidden
+    for changed, affected in [(5, [3, 4, 5, 6]), (0, [0, 1])]:
+        y = x.at[0, changed].set((x[0, changed] + 1) % TINY.vocab_size)
+        diff = np.abs(np.asarray(encode(model, y).hidden - base)).max(axis=-1)[0]
+        np.testing.assert_array_equal(np.nonzero(diff > 0)[0], affected)
+    with pytest.raises(ValueError, match="encoder_window='both'"):
+        EncoderDecoderConfig(encoder=enc_cfg, decoder=TINY, encoder_window="both")
+
+
 def test_encoder_padding_is_invisible_to_both_stacks():
     model = build(tiny_cfg())
     enc, dec = tokens((2, 6), 3), tokens((2, 4), 4)

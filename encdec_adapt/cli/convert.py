@@ -37,8 +37,8 @@ def _convert(command: str, description: str, convert, argv: list[str]) -> int:
 def import_hf_main(argv: list[str]) -> int:
     return _convert(
         "import-hf",
-        "Convert an HF Gemma2/Gemma3 causal-LM (or T5Gemma) directory, config.json plus "
-        "safetensors, into a params checkpoint (Orbax + model.json).",
+        "Convert an HF Gemma2/Gemma3 causal-LM (or T5Gemma, T5Gemma 2 text) directory, config.json "
+        "plus safetensors, into a params checkpoint (Orbax + model.json).",
         import_hf,
         argv,
     )

@@ -1,7 +1,7 @@
 """`import-hf` / `export-hf`: HF model directories <-> params checkpoints of this project.
 
 An importer or exporter is registered per model type; Gemma 2 / Gemma 3 causal LMs map to
-`DecoderOnly` ("decoder_only" in model.json).
+`DecoderOnly` ("decoder_only" in model.json), T5Gemma and T5Gemma 2 to `EncoderDecoder`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 import jax
 from flax import nnx
 
-from encdec_adapt.convert import gemma, hf_files, t5gemma
+from encdec_adapt.convert import gemma, hf_files, t5gemma, t5gemma2
 from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import GemmaConfig
 from encdec_adapt.nn.transformer import DecoderOnly
@@ -48,11 +48,13 @@ IMPORTERS: dict[str, Callable[[dict, dict, str], tuple[str, dict, Any]]] = {
     "gemma2": _import_decoder_only,
     "gemma3_text": _import_decoder_only,
     t5gemma.HF_MODEL_TYPE: t5gemma.import_encoder_decoder,
+    t5gemma2.HF_MODEL_TYPE: t5gemma2.import_encoder_decoder,
 }
-# our model_type -> exporter(config dict, params) -> (HF config dict, HF tensors)
+# our model_type -> exporter(config dict, params) -> (HF config dict, HF tensors); an
+# encoder-decoder goes to T5Gemma 2 when it has merged attention, else to T5Gemma.
 EXPORTERS: dict[str, Callable[[dict, Any], tuple[dict, dict]]] = {
     DECODER_ONLY: _export_decoder_only,
-    t5gemma.ENCODER_DECODER: t5gemma.export_encoder_decoder,
+    t5gemma.ENCODER_DECODER: t5gemma2.export_any_encoder_decoder,
 }
 
 

@@ -1,8 +1,9 @@
 """HF `T5GemmaForConditionalGeneration` <-> this project's `EncoderDecoder` ("encoder_decoder").
 
 T5Gemma is the Gemma 2 architecture on both sides (one RoPE base, no QK-norm), so a model with
-Gemma 3 stacks or the T5Gemma 2 switches (tied encoder/decoder embeddings, merged attention)
-has no T5Gemma export and is refused with the reason. Tensor layouts follow `convert.gemma`'s
+Gemma 3 stacks or the T5Gemma 2 switches (tied encoder/decoder embeddings, T5Gemma 2's split
+encoder window) has no T5Gemma export and is refused with the reason; a model with merged
+attention exports as T5Gemma 2 (`convert.t5gemma2`). Tensor layouts follow `convert.gemma`'s
 rule kinds; only the names differ (HF T5Gemma calls its norms pre/post_self_attn_layernorm, ...).
 """
 
@@ -75,6 +76,8 @@ def check_exportable(cfg: EncoderDecoderConfig, source: str = "model") -> None:
         problems.append("T5Gemma 2 variant switches (tied embeddings / merged attention)")
     if cfg.encoder_causal:
         problems.append("the encoder is causal (encoder_causal, an ablation)")
+    if cfg.encoder_window != "inclusive":
+        problems.append(f"the encoder window is {cfg.encoder_window!r} (T5Gemma's is inclusive)")
     for side, c in (("encoder", cfg.encoder), ("decoder", cfg.decoder)):
         if c.use_qk_norm:
             problems.append(f"{side} uses QK-norm")

@@ -30,26 +30,33 @@ def attention_mask(
     *,
     causal: bool,
     window: int | None = None,
+    window_ahead: int | None = None,
 ) -> jax.Array:
     """[B, T], [B, T], [B, S], [B, S] -> [B, T, S] bool, True where the query may see the key.
 
     Keys are visible within the same non-zero segment; causal masks keep k <= q; a window keeps
-    q - k < window (causal) or |q - k| < window (bidirectional), as HF Gemma does.
+    q - k < window (causal) or |q - k| < window (bidirectional), as HF Gemma does. A
+    bidirectional mask with `window_ahead` keeps q - k < window for keys at or before the query
+    and k - q < window_ahead for keys after it (T5Gemma 2's encoder window).
     """
     q_pos, k_pos = q_positions[:, :, None], k_positions[:, None, :]
     mask = (q_segments[:, :, None] == k_segments[:, None, :]) & (k_segments[:, None, :] != 0)
     if causal:
         mask &= k_pos <= q_pos
     if window is not None:
-        dist = q_pos - k_pos if causal else jnp.abs(q_pos - k_pos)
-        mask &= dist < window
+        dist = q_pos - k_pos
+        if causal:
+            mask &= dist < window
+        else:
+            ahead = window if window_ahead is None else window_ahead
+            mask &= jnp.where(dist >= 0, dist < window, -dist < ahead)
     return mask
 
 
 @functools.partial(
     jax.tree_util.register_dataclass,
     data_fields=["q_positions", "q_segments", "k_positions", "k_segments", "k_exempt"],
-    meta_fields=["causal", "window"],
+    meta_fields=["causal", "window", "window_ahead"],
 )
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
@@ -57,8 +64,9 @@ class MaskSpec:
 
     q_positions / q_segments: [B, T]; k_positions / k_segments: [B, S]; k_exempt: [B, S] bool or
     None: keys that only the segment rule applies to (no causal / window rule), the encoder keys
-    of merged (T5Gemma 2) attention. The materialising path builds `dense()`; the blockwise
-    path builds one tile at a time from the same fields.
+    of merged (T5Gemma 2) attention; causal / window / window_ahead: as in `attention_mask`. The
+    materialising path builds `dense()`; the blockwise path builds one tile at a time from the
+    same fields.
     """
 
     q_positions: jax.Array
@@ -68,11 +76,14 @@ class MaskSpec:
     k_exempt: jax.Array | None = None
     causal: bool = False
     window: int | None = None
+    window_ahead: int | None = None
 
     def dense(self) -> jax.Array:
         """[B, T, S] bool, True where the query may see the key."""
         args = (self.q_positions, self.q_segments, self.k_positions, self.k_segments)
-        mask = attention_mask(*args, causal=self.causal, window=self.window)
+        mask = attention_mask(
+            *args, causal=self.causal, window=self.window, window_ahead=self.window_ahead
+        )
         if self.k_exempt is None:
             return mask
         free = attention_mask(*args, causal=False)

@@ -99,6 +99,12 @@ class _Static(NamedTuple):
     block_k: int
     kv_len: int  # keys before padding (the fully-masked rows average over these)
     has_exempt: bool
+    window_ahead: int | None = None  # bidirectional keys after the query: k - q < this
+
+
+def _ahead(st: _Static) -> int:
+    """The bidirectional window for keys after the query (symmetric unless window_ahead)."""
+    return st.window if st.window_ahead is None else st.window_ahead
 
 
 def _block_mask(st: _Static, qp, qs, kp, ks, kx):
@@ -109,8 +115,12 @@ def _block_mask(st: _Static, qp, qs, kp, ks, kx):
     if st.causal:
         rule = k_pos <= q_pos
     if st.window is not None:
-        dist = q_pos - k_pos if st.causal else jnp.abs(q_pos - k_pos)
-        rule = dist < st.window if rule is None else rule & (dist < st.window)
+        dist = q_pos - k_pos
+        if st.causal:
+            near = dist < st.window
+        else:
+            near = jnp.where(dist >= 0, dist < st.window, -dist < _ahead(st))
+        rule = near if rule is None else rule & near
     if rule is not None:
         if kx is not None:
             rule = rule | kx[:, None, :]
@@ -155,7 +165,7 @@ def _plan(st: _Static, qp, qs, kp, ks, kx):
     if st.window is not None:
         ok &= q_min - k_max < st.window
         if not st.causal:
-            ok &= k_min - q_max < st.window
+            ok &= k_min - q_max < _ahead(st)
     if kx is not None:
         ok |= seg_ok(kv & kx)
     possible = jnp.any(ok, axis=0)  # [nq, nk]
@@ -350,6 +360,7 @@ def attention(
     st = _Static(
         causal=bool(mask.causal),
         window=mask.window,
+        window_ahead=mask.window_ahead,
         soft_cap=soft_cap,
         block_q=block_q,
         block_k=block_k,

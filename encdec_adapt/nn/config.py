@@ -168,6 +168,10 @@ def load_preset(name: str) -> GemmaConfig:
 # --- Encoder-decoder (T5Gemma) and encoder-only classifier configs. --------------------------
 
 
+#: EncoderDecoderConfig.encoder_window values: T5Gemma's and T5Gemma 2's bidirectional window.
+ENCODER_WINDOWS = ("inclusive", "split")
+
+
 @gin.configurable(module="encdec_adapt")
 @dataclasses.dataclass(frozen=True)
 class EncoderDecoderConfig:
@@ -185,6 +189,9 @@ class EncoderDecoderConfig:
       encoder_causal: ablation switch: the encoder's self-attention is causal (local layers:
         the causal window q - k < window) instead of bidirectional. T5Gemma reports that a
         causal encoder costs quality; `experiments/reproduce.py` measures it. No HF equivalent.
+      encoder_window: how the bidirectional encoder's local layers read `encoder.sliding_window`
+        W: "inclusive" (T5Gemma) sees keys with |q - k| <= W; "split" (T5Gemma 2) sees W keys
+        around the query, (W + 1) // 2 at or before it and W // 2 after it. Both as transformers.
     """
 
     encoder: GemmaConfig = dataclasses.field(default_factory=GemmaConfig)
@@ -192,6 +199,7 @@ class EncoderDecoderConfig:
     tie_encoder_decoder_embeddings: bool = False
     merged_attention: bool = False
     encoder_causal: bool = False
+    encoder_window: str = "inclusive"
 
     def __post_init__(self):
         for name in ("encoder", "decoder"):
@@ -216,6 +224,10 @@ class EncoderDecoderConfig:
                 f"merged_attention needs equal embed_dim, got encoder {enc.embed_dim} and "
                 f"decoder {dec.embed_dim}"
             )
+        if self.encoder_window not in ENCODER_WINDOWS:
+            problems.append(
+                f"encoder_window={self.encoder_window!r} (expected one of {ENCODER_WINDOWS})"
+            )
         if problems:
             raise ConfigError("Invalid EncoderDecoderConfig: " + "; ".join(problems))
 
@@ -236,6 +248,7 @@ class EncoderDecoderConfig:
             "tie_encoder_decoder_embeddings": self.tie_encoder_decoder_embeddings,
             "merged_attention": self.merged_attention,
             "encoder_causal": self.encoder_causal,
+            "encoder_window": self.encoder_window,
         }
 
     @classmethod

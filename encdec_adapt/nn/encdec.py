@@ -11,6 +11,11 @@ Numerics follow HF `T5GemmaForConditionalGeneration` (checked by a parity test):
   - dropout on the scaled embeddings, on every residual branch and after the final norm. (HF
     also drops inside the GeGLU and on attention probabilities; the shared `FeedForward` and
     `Attention` have no dropout, so training regularisation differs slightly; eval is identical.)
+The T5Gemma 2 switches follow HF `T5Gemma2ForConditionalGeneration` (parity tests in
+tests/test_convert_t5gemma2.py): one table embeds encoder and decoder inputs and gives the
+logits; the decoder's self-attention queries see [causal self keys; encoder keys] in one softmax,
+the encoder keys through the same k/v projections with k_norm and no RoPE; the encoder's local
+layers see `sliding_window` keys split around the query (`encoder_window="split"`).
 
 Parameter paths (what freezing regexes and warm starts match, `params_io.flatten` form):
   encoder/embedder/embedding                         [V_enc, D_enc]
@@ -103,21 +108,32 @@ def project_cross_kv(attn: Attention, encoded: jax.Array) -> KV:
 class EncoderStack(Stack):
     """A bidirectional Gemma stack (causal with `causal=True`, an ablation).
 
-    HF T5Gemma's bidirectional sliding window is inclusive, |q - k| <= window, while
-    `attention_mask(causal=False)` keeps |q - k| < window; HF wins (parity test), hence window + 1.
+    Local layers, window W (`EncoderDecoderConfig.encoder_window`; transformers wins, parity tests):
+      "inclusive": HF T5Gemma's bidirectional window, |q - k| <= W, while
+        `attention_mask(causal=False)` keeps |q - k| < window: hence window W + 1.
+      "split": HF T5Gemma 2's, W keys around the query: q - k < (W + 1) // 2 behind (the query
+        included) and k - q < W // 2 + 1 ahead.
     A causal encoder uses the decoder-only window, q - k < window, as its source LM did.
     """
 
-    def __init__(self, cfg: GemmaConfig, *, causal: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: GemmaConfig, *, causal: bool = False, window: str = "inclusive", rngs: nnx.Rngs
+    ):
         super().__init__(cfg, causal=causal, rngs=rngs)
+        self.window_kind = window
 
     def masks(self, q_pos, q_seg, k_pos, k_seg) -> dict[AttentionType, MaskSpec]:
         if self.causal:
             return super().masks(q_pos, q_seg, k_pos, k_seg)
+        w = self.sliding_window
+        if self.window_kind == "split":
+            local = {"window": (w + 1) // 2, "window_ahead": w // 2 + 1}
+        else:
+            local = {"window": w + 1}
         out = {}
         for t in set(b.attention_type for b in self.blocks):
-            window = self.sliding_window + 1 if t == AttentionType.LOCAL else None
-            out[t] = MaskSpec(q_pos, q_seg, k_pos, k_seg, causal=False, window=window)
+            extra = local if t == AttentionType.LOCAL else {}
+            out[t] = MaskSpec(q_pos, q_seg, k_pos, k_seg, causal=False, **extra)
         return out
 
 
@@ -125,15 +141,18 @@ class Encoder(nnx.Module):
     """Token embedding and a bidirectional Gemma stack: [B, S] tokens -> [B, S, D] states.
 
     `causal=True` (EncoderDecoderConfig.encoder_causal) makes every position see only itself
-    and earlier positions: the "keep the decoder-only mask" ablation of T5Gemma.
+    and earlier positions: the "keep the decoder-only mask" ablation of T5Gemma. `window`: how
+    local layers read the sliding window ("inclusive" or "split", see `EncoderStack`).
     """
 
-    def __init__(self, cfg: GemmaConfig, *, causal: bool = False, rngs: nnx.Rngs):
+    def __init__(
+        self, cfg: GemmaConfig, *, causal: bool = False, window: str = "inclusive", rngs: nnx.Rngs
+    ):
         self.config = cfg
         self.embedder = layers.Embedder(
             cfg.vocab_size, cfg.embed_dim, param_dtype=cfg.weight_dtype, rngs=rngs
         )
-        self.stack = EncoderStack(cfg, causal=causal, rngs=rngs)
+        self.stack = EncoderStack(cfg, causal=causal, window=window, rngs=rngs)
 
     def __call__(
         self,
@@ -302,7 +321,9 @@ class EncoderDecoder(nnx.Module):
 
     def __init__(self, cfg: EncoderDecoderConfig, *, rngs: nnx.Rngs):
         self.config = cfg
-        self.encoder = Encoder(cfg.encoder, causal=cfg.encoder_causal, rngs=rngs)
+        self.encoder = Encoder(
+            cfg.encoder, causal=cfg.encoder_causal, window=cfg.encoder_window, rngs=rngs
+        )
         self.decoder = Decoder(cfg, rngs=rngs)
 
     @property
