@@ -137,7 +137,7 @@ def test_doc_topic_task(embedded_corpus):
     assert set(labels.tolist()) == set(range(len(classification.TOPICS)))
 
 
-def _dual_encoder_run(model_dir, stop_after=None):
+def _dual_encoder_run(model_dir, stop_after=None, seed=0):
     """A tiny dual encoder on stdlib_code_search_hard_negatives for 4 steps (checkpoint each 2)."""
     from encdec_adapt.models.embedding import DualEncoderModel
     from encdec_adapt.nn.config import load_preset
@@ -162,21 +162,28 @@ def _dual_encoder_run(model_dir, stop_after=None):
         log_every=1,
         tensorboard=False,
         stop_after=stop_after,
+        seed=seed,
     )
 
 
 @pytest.mark.slow  # three compiles of an 8-device train step: about a minute on 2 quiet cores
 def test_dual_encoder_run_resumes_exactly(embedded_corpus, tmp_path):
-    """Stopped after 2 steps and resumed: every leaf of the step-4 train state (params, Adam
-    moments, learned temperature, step, RNG) equals the uninterrupted run's, bit for bit."""
+    """Stopped after 2 steps and resumed: the step-2 checkpoint equals the uninterrupted run's
+    step 2, and every leaf of the step-4 train state (params, Adam moments, learned temperature,
+    step, RNG) equals the uninterrupted run's, bit for bit. The resumed invocation has another
+    init seed, so a run that silently started over could not match."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from test_train_resume import final_state
+    from test_train_resume import state_at, steps_on_disk
 
     straight = _dual_encoder_run(tmp_path / "straight")
     _dual_encoder_run(tmp_path / "resumed", stop_after=2)
-    resumed = _dual_encoder_run(tmp_path / "resumed")
+    assert steps_on_disk(str(tmp_path / "resumed")) == [2]
+    a, b = state_at(str(tmp_path / "straight"), 2), state_at(str(tmp_path / "resumed"), 2)
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    resumed = _dual_encoder_run(tmp_path / "resumed", seed=7)
     assert resumed["loss"] == straight["loss"] and resumed["accuracy"] == straight["accuracy"]
-    a, b = final_state(str(tmp_path / "straight"), 4), final_state(str(tmp_path / "resumed"), 4)
+    a, b = state_at(str(tmp_path / "straight"), 4), state_at(str(tmp_path / "resumed"), 4)
     assert a.keys() == b.keys() and any("log_temperature" in k for k in a)
     for k in a:
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
-from test_train_resume import REPO, TINY, final_state
+from test_train_resume import REPO, TINY, state_at
 
 STEPS = 4
 
@@ -72,7 +72,7 @@ def test_two_processes_match_one(tmp_path):
     one, two = _losses(single_dir), _losses(multi_dir)
     assert sorted(one) == sorted(two) == list(range(1, STEPS + 1))
     np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
-    a, b = final_state(single_dir, STEPS), final_state(multi_dir, STEPS)
+    a, b = state_at(single_dir, STEPS), state_at(multi_dir, STEPS)
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6, err_msg=k)
