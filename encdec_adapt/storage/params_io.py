@@ -84,8 +84,17 @@ def check_writable(path: str, overwrite: bool) -> None:
         raise CheckpointError(f"{path} already exists (pass --overwrite to replace it)")
 
 
-def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=False) -> None:
-    """Writes `params` (a nested dict of arrays) and the model description to `path`.
+def save(
+    path: str,
+    params: PyTree,
+    model_type: str,
+    config: dict,
+    *,
+    overwrite=False,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Writes `params` (a nested dict of arrays) and the model description to `path`, and
+    `extra_files` (name -> content, e.g. a tokenizer.model) beside them.
 
     The directory is written under a temporary name and renamed at the end, so an interrupted save
     never leaves something that looks like a checkpoint.
@@ -100,6 +109,9 @@ def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=
     ckpt.wait_until_finished()
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
         json.dump({"model_type": model_type, "config": config}, f, indent=2, sort_keys=True)
+    for name, content in (extra_files or {}).items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(content)
     if os.path.exists(path):
         shutil.rmtree(path)
     os.replace(tmp, path)
