@@ -199,7 +199,7 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
         pattern = tuple(
             AttentionType.LOCAL if i % 2 == 0 else AttentionType.GLOBAL for i in range(n)
         )
-        local_base = base
+        local_base = _float(key("rope.freq_base_swa", base))
         caps = (
             _float(key("attn_logit_softcapping", _GEMMA2_SOFT_CAPS[0])),
             _float(key("final_logit_softcapping", _GEMMA2_SOFT_CAPS[1])),
@@ -210,7 +210,8 @@ def config_from_gguf(f: GGUFFile) -> GemmaConfig:
         pattern = tuple(
             AttentionType.LOCAL if i % every < every - 1 else AttentionType.GLOBAL for i in range(n)
         )
-        local_base, caps = _GEMMA3_LOCAL_ROPE_BASE, (None, None)
+        local_base = _float(key("rope.freq_base_swa", _GEMMA3_LOCAL_ROPE_BASE))
+        caps = (None, None)
         window = int(key("attention.sliding_window"))
     scalar = d // heads if n == _LAYERS_27B[arch] else head_dim
     return GemmaConfig(
