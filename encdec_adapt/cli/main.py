@@ -46,6 +46,9 @@ COMMANDS: dict[str, Command] = {
     "import-hf": Command(
         "encdec_adapt.cli.convert", "import_hf_main", "HF checkpoint dir -> Orbax"
     ),
+    "import-gguf": Command(
+        "encdec_adapt.cli.convert", "import_gguf_main", "GGUF file (llama.cpp) -> Orbax + tokenizer"
+    ),
     "import-gemma": Command(
         "encdec_adapt.cli.convert",
         "import_gemma_main",

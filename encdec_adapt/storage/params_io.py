@@ -97,8 +97,17 @@ def check_writable(path: str, overwrite: bool) -> None:
     outputs.check_target(outputs.absolute(path), overwrite, PARAMS_CHECKPOINT)
 
 
-def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=False) -> None:
-    """Writes `params` (a nested dict of arrays) and the model description to `path`.
+def save(
+    path: str,
+    params: PyTree,
+    model_type: str,
+    config: dict,
+    *,
+    overwrite=False,
+    extra_files: dict[str, bytes] | None = None,
+) -> None:
+    """Writes `params` (a nested dict of arrays) and the model description to `path`, and
+    `extra_files` (name -> content, e.g. a tokenizer.model) beside them.
 
     The directory is written under a temporary name and swapped in at the end
     (`outputs.new_directory`): an interrupted save never leaves something that looks like a
@@ -111,6 +120,9 @@ def save(path: str, params: PyTree, model_type: str, config: dict, *, overwrite=
         ckpt.close()
         with open(os.path.join(tmp, MODEL_JSON), "w") as f:
             json.dump({"model_type": model_type, "config": config}, f, indent=2, sort_keys=True)
+        for name, content in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content)
 
 
 def read_model_json(path: str) -> tuple[str, dict]:
