@@ -33,7 +33,7 @@ from encdec_adapt.convert.hf import DECODER_ONLY, abstract_shapes
 from encdec_adapt.errors import CheckpointError, ConfigError, InputError, MissingFileError
 from encdec_adapt.nn.config import AttentionType, GemmaConfig
 from encdec_adapt.nn.transformer import DecoderOnly
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import outputs, params_io
 
 GGUF_VERSION = "0.19.0"  # the `gguf` package version tested (setup.py pins it)
 ARCHITECTURES = ("gemma2", "gemma3")
@@ -300,6 +300,7 @@ def read_gguf(path: str) -> tuple[str, dict, Any, bytes]:
 def import_gguf(path: str, output: str, *, overwrite: bool = False) -> str:
     """Converts a GGUF file into a params checkpoint at `output` with `tokenizer.model` inside;
     returns what was written, for the command's report line."""
+    outputs.check_not_input(output, path)
     params_io.check_writable(output, overwrite)
     model_type, config, params, tokenizer = read_gguf(path)
     params_io.save(
