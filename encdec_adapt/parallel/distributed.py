@@ -22,6 +22,10 @@ from encdec_adapt.errors import ConfigError
 ENV_ADDRESS = "ENCDEC_COORDINATOR_ADDRESS"
 ENV_NUM = "ENCDEC_NUM_PROCESSES"
 ENV_ID = "ENCDEC_PROCESS_ID"
+ENV_HEARTBEAT = "ENCDEC_HEARTBEAT_TIMEOUT_SECONDS"
+# How long the coordination service waits for a silent process before it fails the job, so that
+# the survivors of a dead host exit instead of waiting in a collective (JAX's default: 100 s).
+HEARTBEAT_TIMEOUT_SECONDS = 30
 
 
 def initialize(
@@ -58,7 +62,10 @@ def initialize(
         # CPU devices of different processes can only reduce across processes through gloo.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=address, num_processes=int(num), process_id=int(pid)
+        coordinator_address=address,
+        num_processes=int(num),
+        process_id=int(pid),
+        heartbeat_timeout_seconds=int(os.environ.get(ENV_HEARTBEAT, HEARTBEAT_TIMEOUT_SECONDS)),
     )
     return True
 
