@@ -74,7 +74,7 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(tmp_path
     steps = sorted(
         int(s) for s in os.listdir(os.path.join(model_dir, "checkpoints")) if s.isdigit()
     )
-    assert steps == [step]
+    assert steps == [step], (os.listdir(os.path.join(model_dir, "checkpoints")), outs)
     # Resume to step + 2 on both processes; an uninterrupted run of step + 2 steps agrees.
     end = f"--gin.TRAIN_STEPS={step + 2}"
     for p in _pair(model_dir, end):

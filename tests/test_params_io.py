@@ -9,14 +9,22 @@ from encdec_adapt.storage import params_io
 
 def test_check_writable_refuses_an_existing_output_unless_overwrite(tmp_path):
     params_io.check_writable(str(tmp_path / "new"), overwrite=False)  # absent: fine
-    params_io.check_writable(str(tmp_path), overwrite=True)
+    params_io.check_writable(str(tmp_path), overwrite=False)  # an empty directory: fine
+    ckpt = tmp_path / "ckpt"
+    params_io.save(str(ckpt), {"w": np.zeros(2)}, "decoder_only", {})
+    params_io.check_writable(str(ckpt), overwrite=True)
     with pytest.raises(params_io.CheckpointError, match=r"already exists \(pass --overwrite"):
-        params_io.check_writable(str(tmp_path), overwrite=False)
+        params_io.check_writable(str(ckpt), overwrite=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    with pytest.raises(params_io.CheckpointError, match="is not a params checkpoint"):
+        params_io.check_writable(str(tmp_path / "mine"), overwrite=True)
 
 
 def test_save_refuses_an_existing_output(tmp_path):
-    with pytest.raises(params_io.CheckpointError, match=str(tmp_path)):
-        params_io.save(str(tmp_path), {"w": np.zeros(2)}, "decoder_only", {})
+    params_io.save(str(tmp_path / "a"), {"w": np.zeros(2)}, "decoder_only", {})
+    with pytest.raises(params_io.CheckpointError, match=str(tmp_path / "a")):
+        params_io.save(str(tmp_path / "a"), {"w": np.ones(2)}, "decoder_only", {})
 
 
 def test_decoder_weights_prefers_the_loss_weights_and_falls_back_to_nonpad_targets():

@@ -33,9 +33,9 @@ def adapt_main(argv: list[str]) -> int:
     from encdec_adapt.nn.encdec import MODEL_TYPE
     from encdec_adapt.storage import outputs, params_io
 
+    cfg = load_encdec_preset(args.preset)
     outputs.check_not_input(args.output, args.encoder, args.decoder)
     params_io.check_writable(args.output, args.overwrite)
-    cfg = load_encdec_preset(args.preset)
     params = WarmStart(
         encoder_checkpoint=args.encoder,
         decoder_checkpoint=args.decoder,
