@@ -69,8 +69,9 @@ def check(path: str, what: str = "path") -> str:
         raise ConfigError(
             f"{what} {path!r}: no filesystem for {s}:// is installed (pip install {module})"
         )
-    if not path[len(s) + 3 :].strip("/"):
-        raise ConfigError(f"{what} {path!r} names no bucket")
+    rest = path[len(s) + 3 :]
+    if not rest.strip("/") or rest.startswith("/"):
+        raise ConfigError(f"{what} {path!r} names no bucket (write {s}://bucket/dir)")
     return path
 
 
@@ -141,11 +142,12 @@ def walk_files(path: str) -> Iterator[str]:
             for name in files:
                 yield name if rel == "." else f"{rel}/{name}".replace(os.sep, "/")
         return
-    root = epath_of(path)
-    for dirpath, _, files in root.walk():
-        rel = epath.Path(dirpath).relative_to(root).as_posix() if dirpath != root else "."
+    # fsspec walks yield the directories without the scheme: "bucket/dir/sub"
+    prefix = path.split("://", 1)[1].rstrip("/")
+    for dirpath, _, files in epath_of(path).walk():
+        rel = os.fspath(dirpath).split("://", 1)[-1].rstrip("/")[len(prefix) :].lstrip("/")
         for name in files:
-            yield name if rel in (".", "") else f"{rel}/{name}"
+            yield f"{rel}/{name}" if rel else name
 
 
 def makedirs(path: str) -> None:
