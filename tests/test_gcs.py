@@ -250,3 +250,74 @@ def test_params_checkpoint_roundtrip_on_gcs(gcs):
     back = params_io.load(out)
     np.testing.assert_array_equal(back["embed"]["embedding"], params["embed"]["embedding"])
     np.testing.assert_array_equal(back["layers"]["0"]["w"], params["layers"]["0"]["w"])
+
+
+@pytest.mark.slow
+def test_train_on_gcs_sigkill_resume_is_bit_identical_then_export_params(gcs, tmp_path):
+    """Acceptance: a tiny run with MODEL_DIR on gs:// is SIGKILLed, resumes, and ends bit for
+    bit where an uninterrupted local run ends; export-params writes a params checkpoint into the
+    bucket holding exactly the trained parameters."""
+    import signal
+
+    from encdec_adapt.storage import params_io
+    from tests import test_train_resume as tr
+
+    local = str(tmp_path / "local")
+    code, out = tr.run(local)
+    assert code == 0, out
+    url = _url("train_run")
+    code, out = tr.run_and_signal(url, 7, signal.SIGKILL)
+    assert code == -signal.SIGKILL, out
+    assert "train_run/lock.json" in _objects("train_run/")  # left by the killed trainer
+    code, out = tr.run(url)  # takes over its stale lock, resumes from step 6
+    assert code == 0, out
+    assert "train_run/config.gin" in _objects("train_run/")
+    final = tr.state_at(url, tr.STEPS)
+    tr._assert_identical(final, tr.state_at(local, tr.STEPS))
+
+    exported = _url("exported")
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "encdec_adapt.cli.main",
+            "export-params",
+            f"--model_dir={url}",
+            f"--output={exported}",
+        ],
+        cwd=REPO,
+        env=tr._env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    params = params_io.flatten(params_io.load(exported))
+    trained = {
+        k.removeprefix("['params']"): v for k, v in final.items() if k.startswith("['params']")
+    }
+    assert len(params) == len(trained) > 0
+    for name, value in params.items():
+        key = "".join(f"['{part}']" for part in name.split("/"))
+        np.testing.assert_array_equal(np.asarray(value), trained[key])
+
+
+def test_hf_directory_roundtrip_on_gcs(gcs):
+    """export-hf's writer and import-hf's reader on gs://; the bytes in the bucket are a
+    safetensors file that safetensors itself reads."""
+    from safetensors.numpy import load
+
+    from encdec_adapt.convert import hf_files
+
+    rng = np.random.default_rng(1)
+    tensors = {"a.weight": rng.standard_normal((5, 3)).astype(np.float32)}
+    out = _url("hf_out")
+    hf_files.write(out, {"model_type": "gemma2"}, tensors)
+    objs = _objects("hf_out/")
+    assert sorted(objs) == ["hf_out/config.json", "hf_out/model.safetensors"]
+    np.testing.assert_array_equal(
+        load(objs["hf_out/model.safetensors"])["a.weight"], tensors["a.weight"]
+    )
+    assert hf_files.is_hf_dir(out)
+    assert hf_files.read_config(out) == {"model_type": "gemma2"}
+    np.testing.assert_array_equal(hf_files.read_tensors(out)["a.weight"], tensors["a.weight"])
