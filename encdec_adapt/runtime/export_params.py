@@ -17,8 +17,6 @@ student (the teacher is a frozen copy of an existing checkpoint).
 
 from __future__ import annotations
 
-import os
-
 import gin
 
 from encdec_adapt.errors import InputError
@@ -26,7 +24,7 @@ from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, optim
 from encdec_adapt.runtime.trainer import Trainer
-from encdec_adapt.storage import outputs, params_io
+from encdec_adapt.storage import outputs, params_io, paths
 
 CONFIG_FILE = "config.gin"
 
@@ -37,8 +35,8 @@ class ExportError(InputError):
 
 def model_from_run(model_dir: str) -> BaseModel:
     """The model API object (`train.model`) of the run in `model_dir`, from its config.gin."""
-    path = os.path.join(model_dir, CONFIG_FILE)
-    if not os.path.exists(path):
+    path = paths.join(model_dir, CONFIG_FILE)
+    if not paths.exists(path):
         raise ExportError(
             f"{path} does not exist: {model_dir} is not a training run directory (`encdec-adapt "
             "train` writes config.gin into MODEL_DIR when it starts)"
@@ -46,7 +44,7 @@ def model_from_run(model_dir: str) -> BaseModel:
     # config.gin imports the modules it binds; the run's own gin state is not ours to keep.
     with gin.unlock_config():
         gin.clear_config()
-        gin.parse_config_file(path, skip_unknown=False)
+        gin.parse_config(paths.read_text(path), skip_unknown=False)
     try:
         ref = gin.query_parameter("train.model")
         return ref.scoped_configurable_fn()
@@ -57,10 +55,10 @@ def model_from_run(model_dir: str) -> BaseModel:
 def newest_step(model_dir: str) -> int | None:
     """The newest checkpointed step of a run (None when there is none); reads directory names
     only, so it is cheap enough to poll."""
-    directory = os.path.join(model_dir, "checkpoints")
-    if not os.path.isdir(directory):
+    directory = paths.join(model_dir, "checkpoints")
+    if not paths.isdir(directory):
         return None
-    steps = [int(d) for d in os.listdir(directory) if d.isdigit()]
+    steps = [int(d) for d in paths.listdir(directory) if d.isdigit()]
     return max(steps) if steps else None
 
 
@@ -71,7 +69,7 @@ def export_params(model_dir: str, output: str, step: int | None = None, *, overw
     Raises ExportError (no run, no checkpoint, unknown step) or params_io.CheckpointError (the
     output exists and `overwrite` is False).
     """
-    model_dir = os.path.abspath(model_dir)
+    model_dir = paths.absolute(model_dir)
     outputs.check_not_input(output, model_dir)
     params_io.check_writable(output, overwrite)
     model = model_from_run(model_dir)

@@ -3,6 +3,10 @@
 Only process 0 writes. Files: MODEL_DIR/metrics.jsonl (one {"step", "split", name: value}
 object per line) and MODEL_DIR/tb/<split>/events.* (TensorBoard scalars). `read_metrics` reads
 the JSON-lines log back.
+
+MODEL_DIR may be a URL (gs://): the log is then rewritten whole at each flush (an object store
+cannot append), and TensorBoard writes to a local directory that is copied into MODEL_DIR/tb
+after each flush (`paths.MirroredDirectory`).
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import time
 
 import jax
 
+from encdec_adapt.storage import paths
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -24,12 +30,12 @@ def read_metrics(path: str, split: str = "train") -> list[dict]:
     A resumed run logs again the steps after its checkpoint: the last record of a step wins.
     Blank lines and a last line cut by a kill are skipped.
     """
-    if os.path.isdir(path):
-        path = os.path.join(path, METRICS_FILE)
-    if not os.path.exists(path):
+    if paths.isdir(path):
+        path = paths.join(path, METRICS_FILE)
+    if not paths.exists(path):
         return []
     by_step: dict[int, dict] = {}
-    with open(path) as f:
+    with paths.open_file(path) as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -66,18 +72,20 @@ class MetricsLogger:
         self._writers = {}
         self._tensorboard = tensorboard and self.enabled
         self._jsonl = None
+        self._tb = None
         self._t0 = None
         self._step0 = None
         if self.enabled:
-            os.makedirs(model_dir, exist_ok=True)
-            self._jsonl = open(os.path.join(model_dir, METRICS_FILE), "a")  # noqa: SIM115
+            paths.makedirs(model_dir)
+            self._jsonl = paths.AppendFile(paths.join(model_dir, METRICS_FILE))
+            self._tb = paths.MirroredDirectory(paths.join(model_dir, "tb"))
 
     def _writer(self, split: str):
         if split not in self._writers:
             import tensorflow as tf
 
             self._writers[split] = tf.summary.create_file_writer(
-                os.path.join(self.model_dir, "tb", split)
+                os.path.join(self._tb.local, split)
             )
         return self._writers[split]
 
@@ -94,6 +102,7 @@ class MetricsLogger:
                 for name, value in scalars.items():
                     tf.summary.scalar(name, float(value), step=int(step))
             self._writer(split).flush()
+            self._tb.sync()
 
     def start(self, step: int) -> None:
         """Marks the step the rate / ETA are measured from (after the first compiled step)."""
@@ -125,3 +134,5 @@ class MetricsLogger:
             self._jsonl = None
         for w in self._writers.values():
             w.close()
+        if self._writers:
+            self._tb.sync()

@@ -6,6 +6,9 @@ The lock is MODEL_DIR/lock.json, created exclusively by process 0: {"host", "pid
 process that died on this host (its pid is gone) is taken over with a warning; a lock held from
 another host is never taken over (its process may be alive): the message says how to remove it.
 Readers (eval, infer, export-params, embed) take no lock: they open checkpoints read-only.
+
+On gs:// the lock object is created with the precondition ifGenerationMatch=0 (`paths.
+create_exclusive`): two trainers racing for one bucket directory cannot both get it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from jax.experimental import multihost_utils
 
 from encdec_adapt import signals as early_signals
 from encdec_adapt.errors import ConfigError
+from encdec_adapt.storage import paths
 
 LOCK_FILE = "lock.json"
 
@@ -40,8 +44,7 @@ def _alive(pid: int) -> bool:
 
 def _read(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return json.loads(paths.read_text(path))
     except (OSError, ValueError):
         return {}
 
@@ -50,7 +53,7 @@ class RunLock:
     """The writer lock of a run directory (a context manager; process 0 holds it)."""
 
     def __init__(self, model_dir: str):
-        self.path = os.path.join(os.path.abspath(model_dir), LOCK_FILE)
+        self.path = paths.join(paths.absolute(model_dir), LOCK_FILE)
         self.held = False
 
     def _create(self) -> bool:
@@ -60,18 +63,12 @@ class RunLock:
             "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "command": " ".join(sys.argv),
         }
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record, f)
-        return True
+        return paths.create_exclusive(self.path, json.dumps(record))
 
     def acquire(self) -> None:
         """Takes the lock, or raises ConfigError naming its holder."""
         if jax.process_index() == 0:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+            paths.makedirs(paths.dirname(self.path))
             while not self._create():
                 holder = _read(self.path)
                 pid = holder.get("pid")
@@ -82,14 +79,14 @@ class RunLock:
                         f"(started {holder.get('started')}), which is no longer running",
                         flush=True,
                     )
-                    os.replace(self.path, f"{self.path}.stale-{pid}")
+                    paths.move(self.path, f"{self.path}.stale-{pid}")
                     continue
                 if not holder:  # being written by its holder right now, or damaged
                     time.sleep(0.2)
                     if _read(self.path):
                         continue
                 raise ConfigError(
-                    f"{os.path.dirname(self.path)} is being trained by another process: "
+                    f"{paths.dirname(self.path)} is being trained by another process: "
                     f"{self.path} is held by pid {pid} on host {holder.get('host')} since "
                     f"{holder.get('started')} ({holder.get('command')!r}). Use another "
                     "MODEL_DIR, or remove the lock file if that process is gone."
@@ -100,7 +97,7 @@ class RunLock:
 
     def release(self) -> None:
         if self.held and _read(self.path).get("pid") == os.getpid():
-            os.remove(self.path)
+            paths.remove(self.path)
         self.held = False
 
     def __enter__(self) -> RunLock:

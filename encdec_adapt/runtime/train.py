@@ -15,7 +15,6 @@ checkpoint, which is finite like every checkpoint.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from collections.abc import Sequence
 
@@ -31,6 +30,7 @@ from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, entrypoints, optim, run_guard
 from encdec_adapt.runtime.metrics_log import MetricsLogger
 from encdec_adapt.runtime.trainer import Trainer
+from encdec_adapt.storage import paths
 
 
 def _tokens(model: BaseModel, local_batch: dict) -> int:
@@ -70,18 +70,17 @@ def _write_config(model_dir: str, resumed_step: int | None) -> None:
     next to it when it differs (config.resume-<step>.gin)."""
     if jax.process_index() != 0:
         return
-    path = os.path.join(model_dir, "config.gin")
+    path = paths.join(model_dir, "config.gin")
     text = gin.config_str()
     previous = None
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            previous = f.read()
+    if paths.exists(path):
+        previous = paths.read_text(path)
     if resumed_step is None:
         if previous is not None and previous != text:  # a start that never saved a step
-            os.replace(path, os.path.join(model_dir, f"config.replaced-{int(time.time())}.gin"))
+            paths.move(path, paths.join(model_dir, f"config.replaced-{int(time.time())}.gin"))
         entrypoints.write_text(path, text)
     elif previous != text:
-        entrypoints.write_text(os.path.join(model_dir, f"config.resume-{resumed_step}.gin"), text)
+        entrypoints.write_text(paths.join(model_dir, f"config.resume-{resumed_step}.gin"), text)
 
 
 def _initial_state(trainer, ckpt, data, model, model_dir, warm_start_from, settings, overrides):
@@ -172,6 +171,7 @@ def train(
         simulate preemption in tests. Not settable from gin.
     """
     entrypoints.require("train", model_dir=model_dir, num_steps=num_steps)
+    paths.check(model_dir, "train.model_dir")
     entrypoints.check_positive("train.num_steps", num_steps)
     entrypoints.check_positive("train.log_every", log_every)
     if not isinstance(max_skipped_updates, int) or max_skipped_updates < 0:
@@ -275,7 +275,7 @@ class _Loop:
                 # of throughput and ETA after it.
                 jax.block_until_ready(metrics)
                 entrypoints.write_text(
-                    os.path.join(logger.model_dir, "operative_config.gin"),
+                    paths.join(logger.model_dir, "operative_config.gin"),
                     gin.operative_config_str(),
                 )
                 logger.start(step)

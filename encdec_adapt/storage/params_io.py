@@ -11,7 +11,6 @@ step, data position) are managed by the trainer's CheckpointManager and can be r
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import jax
@@ -20,7 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from encdec_adapt import errors
-from encdec_adapt.storage import outputs
+from encdec_adapt.storage import outputs, paths
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
@@ -84,7 +83,7 @@ def check_compatible(expected: PyTree, given: PyTree, source: str) -> None:
 
 def is_params_checkpoint(path: str) -> bool:
     """Whether `path` is a params checkpoint directory (what `--overwrite` may replace)."""
-    return os.path.isfile(os.path.join(path, MODEL_JSON))
+    return paths.isfile(paths.join(path, MODEL_JSON))
 
 
 PARAMS_CHECKPOINT = outputs.Kind("params checkpoint", is_params_checkpoint)
@@ -115,22 +114,22 @@ def save(
     """
     with outputs.new_directory(path, overwrite=overwrite, kind=PARAMS_CHECKPOINT) as tmp:
         ckpt = ocp.StandardCheckpointer()
-        ckpt.save(os.path.join(tmp, PARAMS_DIR), params)
+        ckpt.save(paths.epath_of(paths.join(tmp, PARAMS_DIR)), params)
         ckpt.wait_until_finished()
         ckpt.close()
-        with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+        with paths.open_file(paths.join(tmp, MODEL_JSON), "w") as f:
             json.dump({"model_type": model_type, "config": config}, f, indent=2, sort_keys=True)
         for name, content in (extra_files or {}).items():
-            with open(os.path.join(tmp, name), "wb") as f:
+            with paths.open_file(paths.join(tmp, name), "wb") as f:
                 f.write(content)
 
 
 def read_model_json(path: str) -> tuple[str, dict]:
     """(model_type, config dict) of a params checkpoint directory."""
-    file = os.path.join(path, MODEL_JSON)
-    if not os.path.exists(file):
+    file = paths.join(path, MODEL_JSON)
+    if not paths.exists(file):
         raise CheckpointError(f"{file} does not exist: {path} is not a params checkpoint")
-    with open(file) as f:
+    with paths.open_file(file) as f:
         d = json.load(f)
     return d["model_type"], d["config"]
 
@@ -141,9 +140,10 @@ def load(path: str, target: PyTree | None = None) -> PyTree:
     With `target` (a tree of arrays or jax.ShapeDtypeStruct, shardings included), the names and
     shapes are checked first and arrays are restored directly into the target's shardings.
     """
-    params_dir = os.path.join(os.path.abspath(path), PARAMS_DIR)
-    if not os.path.isdir(params_dir):
+    params_dir = paths.join(paths.absolute(path), PARAMS_DIR)
+    if not paths.isdir(params_dir):
         raise CheckpointError(f"{params_dir} does not exist: {path} is not a params checkpoint")
+    params_dir = paths.epath_of(params_dir)
     ckpt = ocp.StandardCheckpointer()
     if target is None:
         return ckpt.restore(params_dir)
