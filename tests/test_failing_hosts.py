@@ -7,6 +7,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 from test_multiprocess import _free_port, _start
 from test_train_resume import state_at
 
@@ -38,6 +39,7 @@ def _wait_for_step(proc, step):
     raise AssertionError("".join(lines))
 
 
+@pytest.mark.slow  # two process pairs starting JAX: minutes on 2 cores
 def test_sigkill_of_one_process_ends_the_other_within_120_s(tmp_path):
     procs = _pair(str(tmp_path / "run"), LONG)
     try:
@@ -55,13 +57,14 @@ def test_sigkill_of_one_process_ends_the_other_within_120_s(tmp_path):
     assert waited < 120, waited
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(tmp_path):
     model_dir = str(tmp_path / "run")
     procs = _pair(model_dir, LONG, "--gin.CheckpointConfig.save_interval_steps=1000")
     try:
         _wait_for_step(procs[0], 3)
         procs[1].send_signal(signal.SIGTERM)
-        outs = [p.communicate(timeout=300)[0] for p in procs]
+        outs = [p.communicate(timeout=900)[0] for p in procs]
     finally:
         for p in procs:
             if p.poll() is None:
@@ -78,11 +81,11 @@ def test_sigterm_to_one_process_saves_the_same_step_on_both_and_resumes(tmp_path
     # Resume to step + 2 on both processes; an uninterrupted run of step + 2 steps agrees.
     end = f"--gin.TRAIN_STEPS={step + 2}"
     for p in _pair(model_dir, end):
-        out = p.communicate(timeout=300)[0]
+        out = p.communicate(timeout=900)[0]
         assert p.returncode == 0, out
     straight = str(tmp_path / "straight")
     for p in _pair(straight, end):
-        out = p.communicate(timeout=300)[0]
+        out = p.communicate(timeout=900)[0]
         assert p.returncode == 0, out
     a, b = state_at(straight, step + 2), state_at(model_dir, step + 2)
     for k in a:
