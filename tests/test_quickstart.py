@@ -77,9 +77,11 @@ def test_export_params_writes_the_newest_or_a_given_step(synthetic_run, tmp_path
 
 
 def test_export_params_errors_name_the_culprit(synthetic_run, tmp_path, capsys):
-    code = main.main(["export-params", f"--model_dir={tmp_path}", f"--output={tmp_path}/o"])
+    empty = tmp_path / "not_a_run"
+    os.makedirs(empty)
+    code = main.main(["export-params", f"--model_dir={empty}", f"--output={tmp_path}/o"])
     assert code == 2
-    assert f"{tmp_path}/config.gin does not exist" in capsys.readouterr().err
+    assert f"{empty}/config.gin does not exist" in capsys.readouterr().err
 
     run = synthetic_run
     code = main.main(["export-params", f"--model_dir={run}", f"--output={tmp_path}/o", "--step=7"])
@@ -87,9 +89,11 @@ def test_export_params_errors_name_the_culprit(synthetic_run, tmp_path, capsys):
     assert "step 7 is not in" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
     os.makedirs(tmp_path / "exists")
+    (tmp_path / "exists" / "keep.txt").write_text("a user's file")  # an empty directory counts as absent
     code = main.main(["export-params", f"--model_dir={run}", f"--output={tmp_path}/exists"])
     assert code == 2
     assert "already exists" in capsys.readouterr().err
+    assert (tmp_path / "exists" / "keep.txt").read_text() == "a user's file"
 
 
 def test_budget_scaling_and_metrics_dedupe(tmp_path):
