@@ -4,6 +4,8 @@ XLA_FLAGS must be set before jax is first imported, so it is set here for the wh
 """
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -12,8 +14,24 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
 
-import jax
-import pytest
+# Tests that run `encdec-adapt` in child processes compile the same small programs again and
+# again: the children share a JAX compilation cache (about a third of a tiny train run). This
+# process and the xdist workers keep compiling in memory only, as users' code does: the
+# variables are set for children after jax has read its configuration here.
+_OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a user's, or the xdist parent's
+_CHILD_CACHE = {
+    "JAX_COMPILATION_CACHE_DIR": os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+    or tempfile.mkdtemp(prefix="encdec_adapt_test_jax_cache_"),
+    "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+}
+for _name in _CHILD_CACHE:
+    os.environ.pop(_name, None)
+
+import jax  # noqa: E402 (after the environment above)
+import pytest  # noqa: E402
+
+os.environ.update(_CHILD_CACHE)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -58,3 +76,9 @@ HEAVY_FIRST = (
 def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable within a file
+
+
+def pytest_unconfigure(config):
+    # The process that made the cache directory removes it (xdist workers inherit its name).
+    if _OWN_CACHE and not hasattr(config, "workerinput"):
+        shutil.rmtree(_CHILD_CACHE["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

@@ -89,7 +89,8 @@ def test_export_params_errors_name_the_culprit(synthetic_run, tmp_path, capsys):
     assert "step 7 is not in" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")
     os.makedirs(tmp_path / "exists")
-    (tmp_path / "exists" / "keep.txt").write_text("a user's file")  # an empty directory counts as absent
+    # an empty directory counts as absent: this one holds a user's file
+    (tmp_path / "exists" / "keep.txt").write_text("a user's file")
     code = main.main(["export-params", f"--model_dir={run}", f"--output={tmp_path}/exists"])
     assert code == 2
     assert "already exists" in capsys.readouterr().err

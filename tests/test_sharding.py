@@ -28,8 +28,16 @@ def forward(model, tokens, segment_ids):
     return model(tokens, segment_ids=segment_ids)[0]
 
 
-@pytest.mark.parametrize("cfg", [TINY, TINY3], ids=["gemma2", "gemma3"])
-@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 4, 2), (1, 1, 8)])
+def _meshes_by_model():
+    """Each mesh shape with both models; the default suite runs each mesh shape once,
+    alternating the model between shapes, and `slow` runs the other half."""
+    for i, mesh_shape in enumerate([(2, 2, 2), (1, 4, 2), (1, 1, 8)]):
+        for j, (cfg, name) in enumerate([(TINY, "gemma2"), (TINY3, "gemma3")]):
+            marks = [pytest.mark.slow] if (i + j) % 2 else []
+            yield pytest.param(cfg, mesh_shape, marks=marks, id=f"{mesh_shape}-{name}")
+
+
+@pytest.mark.parametrize("cfg,mesh_shape", list(_meshes_by_model()))
 def test_sharded_forward_equals_unsharded(cfg: GemmaConfig, mesh_shape):
     assert jax.device_count() == 8
     rules = sharding.MeshRules(mesh_shape=mesh_shape)

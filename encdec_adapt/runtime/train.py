@@ -260,7 +260,11 @@ class _Loop:
         tokens, steps_logged, t_log = 0, 0, time.perf_counter()
         last: dict[str, float] = {}
         eval_data, eval_every, eval_batches, eval_decode, seed = eval_args
-        while step < num_steps and not self.signals.agreed():
+        # The stop flag is read once per step, below: reading it here as well would let a
+        # signal that lands between the two reads end the loop without a save.
+        if self.signals.agreed():  # stopped before the first step: nothing new to save
+            return self._finish(step, num_steps, last)
+        while step < num_steps:
             try:
                 local = _next_batch(self.data, train_data, step)
             except InputError:
