@@ -154,14 +154,26 @@ def is_params_checkpoint(path: str) -> bool:
 
 
 class Quickstart:
-    """The stages over one output directory; `run_all` runs the ones not finished yet."""
+    """The stages over one output directory; `run_all` runs the ones not finished yet.
+
+    Subclasses (experiments/quickstart_real.py) change the class attributes and the stage methods
+    they replace; the stage runner, the training / command / eval stages, plots and the summary
+    table are shared.
+    """
+
+    NAME = "quickstart"
+    STAGES = STAGES
+    TRAINING_STAGES = ("pretrain", "adapt_ul2", "adapt_prefixlm", "dual_encoder")
+    PARAMS_CHECKPOINTS = ("pretrained", "t5gemma_init", "adapt_ul2_params", "adapt_prefixlm_params")
+    EVAL_TASKS = EVAL_TASKS
+    BUDGET = Budget
 
     def __init__(self, out: str, scale: float = 1.0, budget: Budget | None = None):
         self.out = os.path.abspath(out)
         self.scale = scale
-        self.budget = (budget or Budget()).scaled(scale)
+        self.budget = (budget or self.BUDGET()).scaled(scale)
         self.times = StageTimes(self.path("stage_times.json"))
-        self.stages = Stages(lambda m: print(f"[quickstart] {m}", flush=True), self.times)
+        self.stages = Stages(lambda m: print(f"[{self.NAME}] {m}", flush=True), self.times)
         self.settings_file = self.path("quickstart.json")
 
     def check_settings(self) -> None:
@@ -317,7 +329,7 @@ class Quickstart:
             ],
         )
         for model in ("t5gemma_init", "adapt_ul2_params", "adapt_prefixlm_params"):
-            for short, task in EVAL_TASKS.items():
+            for short, task in self.EVAL_TASKS.items():
                 self._eval(
                     f"{model}_{short}",
                     [
@@ -343,6 +355,14 @@ class Quickstart:
                 done=f" ({output})",
             )
 
+    def describe_budget(self) -> str:
+        b = self.budget
+        return (
+            f"scale {self.scale:g}: pretrain {b.pretrain_steps} steps, adaptation "
+            f"{b.adapt_steps} steps each, dual encoder {b.contrastive_steps} steps of "
+            f"{b.contrastive_batch_size}, batch {b.batch_size}"
+        )
+
     def run_all(self) -> str:
         """Runs the unfinished stages, then writes plots and the summary; returns the summary."""
         import jax
@@ -351,16 +371,10 @@ class Quickstart:
         self.check_settings()
         # Compiled steps are cached on disk: a resumed quickstart does not compile them again.
         jax.config.update("jax_compilation_cache_dir", self.path("jax_cache"))
-        b = self.budget
-        print(
-            f"[quickstart] output: {self.out} (scale {self.scale:g}: pretrain {b.pretrain_steps}"
-            f" steps, adaptation {b.adapt_steps} steps each, dual encoder "
-            f"{b.contrastive_steps} steps of {b.contrastive_batch_size}, batch {b.batch_size})",
-            flush=True,
-        )
-        for stage in STAGES:
+        print(f"[{self.NAME}] output: {self.out} ({self.describe_budget()})", flush=True)
+        for stage in self.STAGES:
             getattr(self, stage)()
-        plots = write_plots(self.out, TRAINING_STAGES)
+        plots = write_plots(self.out, self.TRAINING_STAGES)
         summary = self.summary(plots)
         with open(self.path("summary.md"), "w") as f:
             f.write(summary)
@@ -368,31 +382,37 @@ class Quickstart:
 
     # ------------------------------------------------------------------------------ summary
 
-    def summary(self, plots: list[str]) -> str:
-        times = self.times.get()
+    def evals(self, name: str) -> dict:
+        """The result of evaluation `name` (eval/NAME/result.json), {} when missing."""
+        return read_json(self.path("eval", name, "result.json")) or {}
 
-        def evals(name: str) -> dict:
-            return read_json(self.path("eval", name, "result.json")) or {}
+    def both(self, model: str, key: str) -> str:
+        """`key` of `model` on each of EVAL_TASKS, "a / b"."""
+        values = [self.evals(f"{model}_{t}").get(key) for t in self.EVAL_TASKS]
+        return " / ".join(fmt_number(v) for v in values)
 
-        def both(model: str, key: str) -> str:
-            values = [evals(f"{model}_{t}").get(key) for t in EVAL_TASKS]
-            return " / ".join(_fmt(v) for v in values)
-
+    def retrieval(self, row: str, metric: str = "ndcg@10") -> str:
+        """`metric` of a row of the retrieval report ("towers", "untrained towers", "BM25")."""
         report = read_json(self.path("retrieval", "retrieval_report.json")) or {}
-        retrieval = report.get("results", {})
+        return fmt_number(report.get("results", {}).get(row, {}).get(metric))
+
+    def summary_rows(self) -> list[tuple]:
+        """(stage, steps, seconds, final train loss, validation loss, validation accuracy,
+        code search nDCG@10) rows of the summary table."""
+        times, evals, both = self.times.get(), self.evals, self.both
 
         def ndcg(row: str) -> str:
-            return _fmt(retrieval.get(row, {}).get("ndcg@10"))
+            return self.retrieval(row)
 
         lm = evals("pretrained_lm")
-        rows = [
+        return [
             (
                 "pretrain (decoder-only LM)",
                 self._steps("pretrain"),
                 times.get("pretrain"),
                 self._final_loss("pretrain"),
-                f"{_fmt(lm.get('loss'))} (LM)",
-                f"{_fmt(lm.get('accuracy'))} (LM)",
+                f"{fmt_number(lm.get('loss'))} (LM)",
+                f"{fmt_number(lm.get('accuracy'))} (LM)",
                 "",
             ),
             ("adapt (warm start, untrained)", 0, times.get("adapt"), None,
@@ -410,6 +430,13 @@ class Quickstart:
             ("  BM25", "", None, None, "", "", ndcg("BM25")),
             ("evaluate (eval, infer)", "", times.get("evaluate"), None, "", "", ""),
         ]  # fmt: skip
+
+    def summary_sections(self) -> list[str]:
+        """Markdown lines between the table and the paths (default: the greedy decodes)."""
+        return self._examples()
+
+    def summary(self, plots: list[str]) -> str:
+        rows = self.summary_rows()
         header = (
             "| stage | steps | time | final train loss | validation loss "
             "(PrefixLM / span corr.) | validation accuracy (PrefixLM / span corr.) | "
@@ -417,24 +444,32 @@ class Quickstart:
         )
         lines = [header, "|---|---:|---:|---:|---:|---:|---:|"]
         for name, steps, seconds, loss, vloss, vacc, nd in rows:
-            t = _duration(seconds) if seconds is not None else ""
+            t = fmt_duration(seconds) if seconds is not None else ""
             lines.append(
-                f"| {name} | {steps} | {t} | {_fmt(loss) if loss is not None else ''} | "
+                f"| {name} | {steps} | {t} | {fmt_number(loss) if loss is not None else ''} | "
                 f"{vloss} | {vacc} | {nd} |"
             )
-        examples = self._examples()
+        examples = self.summary_sections()
         paths = [
-            ("checkpoints (training runs)", [self.path(s, "checkpoints") for s in TRAINING_STAGES]),
+            (
+                "checkpoints (training runs)",
+                [self.path(s, "checkpoints") for s in self.TRAINING_STAGES],
+            ),
             (
                 "params checkpoints",
-                [self.path(p) for p in PARAMS_CHECKPOINTS if is_params_checkpoint(self.path(p))],
+                [
+                    self.path(p)
+                    for p in self.PARAMS_CHECKPOINTS
+                    if is_params_checkpoint(self.path(p))
+                ],
             ),
             ("TensorBoard logs", [f"tensorboard --logdir {self.out}"]),
             ("plots", plots),
             ("retrieval report", [self.path("retrieval", "retrieval_report.md")]),
             ("predictions", [self.path("predictions")]),
         ]
-        out = ["# Quickstart summary", "", *lines, "", *examples, "## Paths", ""]
+        title = self.NAME.replace("_", " ").capitalize()
+        out = [f"# {title} summary", "", *lines, "", *examples, "## Paths", ""]
         for title, items in paths:
             out.append(f"- {title}:")
             out += [f"  - {p}" for p in items]
@@ -448,68 +483,76 @@ class Quickstart:
         records = read_metrics(self.path(name, "metrics.jsonl"), "train")
         return records[-1].get("loss") if records else None
 
-    def _examples(self) -> list[str]:
+    def _examples(
+        self, names=("adapt_ul2", "adapt_prefixlm"), task="stdlib_prefix_lm"
+    ) -> list[str]:
         out = []
-        for name in ("adapt_ul2", "adapt_prefixlm"):
+        for name in names:
             path = self.path("predictions", f"{name}.jsonl")
             if not os.path.exists(path):
                 continue
-            out.append(f"## Greedy decodes, {name} (stdlib_prefix_lm validation)")
+            out.append(f"## Greedy decodes, {name} ({task} validation)")
             out.append("")
             with open(path) as f:
                 for line in list(f)[:2]:
                     r = json.loads(line)
-                    out.append(f"- input: `{_short(r['inputs'])}`")
-                    out.append(f"  prediction: `{_short(r['prediction'])}`")
+                    out.append(f"- input: `{shorten(r['inputs'])}`")
+                    out.append(f"  prediction: `{shorten(r['prediction'])}`")
             out.append("")
         return out
 
 
-TRAINING_STAGES = ("pretrain", "adapt_ul2", "adapt_prefixlm", "dual_encoder")
-PARAMS_CHECKPOINTS = ("pretrained", "t5gemma_init", "adapt_ul2_params", "adapt_prefixlm_params")
+TRAINING_STAGES = Quickstart.TRAINING_STAGES
+PARAMS_CHECKPOINTS = Quickstart.PARAMS_CHECKPOINTS
 
 
-def _fmt(value) -> str:
+def fmt_number(value) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def _duration(seconds: float) -> str:
+def fmt_duration(seconds: float) -> str:
     seconds = round(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _short(text: str, n: int = 80) -> str:
+def shorten(text: str, n: int = 80) -> str:
     text = " ".join(text.split()).replace("`", "'")
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, cls: type[Quickstart] = Quickstart) -> int:
+    """Runs the quickstart `cls` in $QUICKSTART_DIR (default runs/NAME) at $QUICKSTART_SCALE."""
     del argv
+    name = cls.NAME
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    out = os.environ.get("QUICKSTART_DIR") or os.path.join("runs", "quickstart")
+    out = os.environ.get("QUICKSTART_DIR") or os.path.join("runs", name)
     try:
         scale = float(os.environ.get("QUICKSTART_SCALE", "1"))
-        qs = Quickstart(out, scale)
+        qs = cls(out, scale)
     except ValueError as e:
-        print(f"quickstart: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     try:
         summary = qs.run_all()
     except StageError as e:
-        print(f"quickstart: {e}", file=sys.stderr)
+        print(f"{name}: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(
-            "\nquickstart: interrupted; run it again to continue from the last checkpoint",
+            f"\n{name}: interrupted; run it again to continue from the last checkpoint",
             file=sys.stderr,
         )
         return 130
     print("\n" + summary, flush=True)
-    print(f"[quickstart] done in {_duration(time.perf_counter() - t0)}; summary: "
+    print(f"[{name}] done in {fmt_duration(time.perf_counter() - t0)}; summary: "
           f"{qs.path('summary.md')}", flush=True)  # fmt: skip
     return 0
 
 
 if __name__ == "__main__":
+    if "--real" in sys.argv[1:]:
+        from experiments.quickstart_real import RealQuickstart
+
+        sys.exit(main(cls=RealQuickstart))
     sys.exit(main())

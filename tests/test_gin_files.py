@@ -41,6 +41,7 @@ def test_there_are_run_files():
 # Run files that need an encoder-decoder model file (and the bindings they leave required
 # that the configs built below need).
 ENCDEC_FILE = os.path.join(REPO, "encdec_adapt", "configs", "models", "t5gemma_tiny.gin")
+REAL_ENCDEC_FILE = os.path.join(REPO, "encdec_adapt", "configs", "models", "t5gemma2_270m_270m.gin")
 RUN_MODEL = {
     "adapt_prefixlm.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "adapt_ul2.gin": (ENCDEC_FILE, []),
@@ -48,6 +49,10 @@ RUN_MODEL = {
     "reproduce_ul2.gin": (ENCDEC_FILE, []),
     "reproduce_prefixlm_kd.gin": (ENCDEC_FILE, ["TEACHER_CONFIG = @gemma_tiny/GemmaConfig()"]),
     "infer_jsonl.gin": (ENCDEC_FILE, []),
+    # the real quickstart's files take the layout's model file on the command line
+    "real_adapt_ul2.gin": (REAL_ENCDEC_FILE, []),
+    "real_adapt_prefixlm.gin": (REAL_ENCDEC_FILE, []),
+    "real_eval.gin": (REAL_ENCDEC_FILE, []),
 }
 
 
@@ -192,3 +197,24 @@ def test_shipped_gin_files_name_no_module_path():
             if line.startswith("import encdec_adapt"):
                 assert line.split()[1] in stable, f"{path}: {line.strip()}"
             assert "@encdec_adapt." not in line, f"{path}: {line.strip()}"
+
+
+def test_includes_of_runs_files_work_beside_a_runs_folder(tmp_path, monkeypatch):
+    """`python -m` puts the working directory on sys.path, where the quickstarts write runs/:
+    gin then finds a namespace package `runs` without a file, and its own existence check
+    raised TypeError for every 'runs/...' include (the real quickstart's first train stage)."""
+    import importlib
+
+    from encdec_adapt.cli import gin_runner
+
+    (tmp_path / "runs").mkdir()
+    user = tmp_path / "user.gin"
+    user.write_text("include 'runs/eval.gin'\nMODEL_DIR = '/tmp/x'\nEVAL_TASK = 't'\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    gin_runner._make_file_checks_tolerant()
+    files = [MODEL_FILE, str(user)]
+    config_lib.add_gin_search_path(*files)
+    gin.parse_config_files_and_bindings(files, [], finalize_config=False)
+    assert gin.query_parameter("MODEL_DIR/macro.value") == "/tmp/x"

@@ -24,6 +24,36 @@ from encdec_adapt.errors import ConfigError
 GIN_DIR = os.path.dirname(gin.__file__)
 
 
+def _tolerant(exists: Callable[[str], bool]) -> Callable[[str], bool]:
+    """A gin existence check that says False where gin's own raises.
+
+    gin looks an include such as 'runs/adapt_ul2.gin' up as a Python package `runs` too; when
+    the working directory (on sys.path under `python -m`) holds a `runs/` folder, e.g. the
+    quickstart's default output runs/quickstart, that is a namespace package without a file and
+    gin's check raises TypeError instead of moving on to the next search path.
+    """
+
+    def check(path: str) -> bool:
+        try:
+            return exists(path)
+        except TypeError:
+            return False
+
+    check.tolerant = True
+    return check
+
+
+def _make_file_checks_tolerant() -> None:
+    # gin has no public API to replace a registered reader's existence check.
+    readers = gin.config._FILE_READERS
+    for i, (reader, exists) in enumerate(readers):
+        if not getattr(exists, "tolerant", False):
+            readers[i] = (reader, _tolerant(exists))
+
+
+_make_file_checks_tolerant()
+
+
 class GinConfigError(ConfigError):
     """gin rejected the configuration: a file or binding it cannot parse (the message has gin's
     file and line), or a required binding missing when the entry point runs."""
@@ -146,6 +176,7 @@ class GinRun:
         # Every configurable under its stable name, also for user gin files that import none.
         import encdec_adapt.configurables  # noqa: F401
 
+        _make_file_checks_tolerant()  # readers registered since import, too
         try:
             gin.parse_config_files_and_bindings(args.gin_file, bindings)
         except Exception as e:  # gin's parse errors carry the file and line in their message

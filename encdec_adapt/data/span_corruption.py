@@ -180,9 +180,14 @@ def num_sentinels(vocab: seqio.Vocabulary) -> int:
 
 
 def mode_token_ids(vocab: seqio.Vocabulary, token: str | None) -> list[int]:
-    """Ids of a mode token: one id when the SentencePiece model has it as a piece, else encoded."""
+    """Ids of a mode token: the vocabulary's reserved id for it (`reserved_vocab`), one id when
+    the SentencePiece model has it as a piece, else its encoding."""
     if not token:
         return []
+    # A vocabulary that maps mode tokens to reserved ids of its own (reserved_vocab).
+    reserved = getattr(vocab, "mode_token_ids", None)
+    if reserved and token in reserved:
+        return [reserved[token]]
     sp = getattr(vocab, "tokenizer", None)
     if sp is not None:
         piece = sp.piece_to_id(token)

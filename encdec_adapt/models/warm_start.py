@@ -67,10 +67,18 @@ def check_source(cfg: GemmaConfig, params: PyTree, source: str) -> None:
     params_io.check_compatible(decoder_only_shapes(cfg), params, source)
 
 
+def _comparable(cfg: GemmaConfig) -> dict:
+    """cfg.to_dict() with the attention pattern spelled out per layer: a preset's 6-layer cycle
+    and an importer's 18 explicit layers (import-gguf) describe the same model."""
+    d = cfg.to_dict()
+    d["attention_pattern"] = [str(t) for t in cfg.layer_types]
+    return d
+
+
 def check_source_config(cfg: GemmaConfig, source_config: dict, source: str) -> None:
     """Raises CheckpointError when a checkpoint's model.json config differs from `cfg` in any
     field other than dtypes and dropout (same shapes but e.g. another soft-cap or window)."""
-    want, got = cfg.to_dict(), GemmaConfig.from_dict(source_config).to_dict()
+    want, got = _comparable(cfg), _comparable(GemmaConfig.from_dict(source_config))
     diff = [k for k in want if k not in _RUNTIME_FIELDS and want[k] != got[k]]
     if diff:
         k = diff[0]
