@@ -272,6 +272,7 @@ def test_resolve_chunk_tokens():
         vocab_loss.resolve_chunk_tokens(-1, 8, 10)
 
 
+@pytest.mark.slow
 def test_model_api_chunked_loss_matches_full():
     """Encoder-decoder and distillation `loss_fn` with loss_chunk_tokens=5 vs 0 (full logits)."""
     from encdec_adapt import load_encdec_preset, load_preset

@@ -69,6 +69,7 @@ def _run(t, batches):
     return state, losses, accs
 
 
+@pytest.mark.slow
 def test_dual_encoder_learns():
     t = single(dual_model())
     _, losses, accs = _run(t, [pair_batch(i % 4) for i in range(25)])
@@ -77,6 +78,7 @@ def test_dual_encoder_learns():
     assert np.mean(accs[-4:]) > 0.9, accs  # in-batch top-1 retrieval
 
 
+@pytest.mark.slow
 def test_sharded_step_equals_single_device():
     model = dual_model(de=dict(learn_temperature=True))
     batches = [pair_batch(i, negatives=0) for i in range(2)]

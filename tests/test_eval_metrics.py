@@ -115,6 +115,7 @@ def test_task_metrics_get_decoded_targets_predictions_and_scores():
     assert all(p for p in predictions)  # varied decodes, not all-pad
 
 
+@pytest.mark.slow
 def test_periodic_eval_in_train_logs_task_metrics(tmp_path):
     import json
 

@@ -3,6 +3,7 @@ with 4 devices on the same global batch: same losses, same final parameters."""
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,7 +23,9 @@ def _free_port():
 def _start(model_dir, devices, *extra):
     env = dict(os.environ)
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=re.sub(
+            r"device_count=\d+", f"device_count={devices}", os.environ.get("XLA_FLAGS", "")
+        ),
         JAX_PLATFORMS="cpu",
         TF_CPP_MIN_LOG_LEVEL="3",
         PYTHONPATH=REPO + os.pathsep + env.get("PYTHONPATH", ""),

@@ -4,6 +4,7 @@ remainder layers, for decoders, encoder-decoders and their gradients, and compil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from encdec_adapt import load_encdec_preset, load_preset
@@ -31,6 +32,7 @@ def _gemma3_like():
     )
 
 
+@pytest.mark.slow
 def test_decoder_scan_equals_unrolled_with_grads_and_dropout():
     cfg = _gemma3_like()
     plain = DecoderOnly(cfg, rngs=nnx.Rngs(0))

@@ -59,6 +59,7 @@ def test_sharded_forward_equals_unsharded(cfg: GemmaConfig, mesh_shape):
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_every_large_parameter_is_sharded():
     rules = sharding.MeshRules(mesh_shape=(2, 2, 2))
     mesh = rules.make_mesh()

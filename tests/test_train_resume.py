@@ -9,6 +9,7 @@ optimizer moments, step, RNG) bit for bit with an uninterrupted run.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -38,7 +39,8 @@ TINY = [
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    # the suite's compile flags (conftest.py), on 2 devices
+    env["XLA_FLAGS"] = re.sub(r"device_count=\d+", "device_count=2", env.get("XLA_FLAGS", ""))
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
     return env
@@ -555,6 +557,7 @@ def test_seqio_iterator_position_restores_exactly():
     assert position == {"index": 3} and resumed.get_state() == {"index": 5}
 
 
+@pytest.mark.slow
 def test_resume_wins_over_warm_start_from(tmp_path, monkeypatch, capsys):
     """A run with both a checkpoint in MODEL_DIR and `warm_start_from` continues from the
     checkpoint: the state entering its first train step is the checkpoint's (step, and every

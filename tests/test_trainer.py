@@ -148,6 +148,7 @@ def _encdec_batch(seed=0, s=12, t=8):
     }
 
 
+@pytest.mark.slow
 def test_encoder_decoder_model_learns():
     model = models.EncoderDecoderModel(config=_encdec_config())
     t = _trainer(model)
