@@ -13,14 +13,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
-# The suite's programs are tiny: compiling them costs far more than running them, so LLVM's
-# expensive optimisations are off (about a fifth less time; the parity tests hold either way).
-# Child processes inherit the flags.
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-    os.environ["XLA_FLAGS"] += (
-        " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-    )
-
 # Tests that run `encdec-adapt` in child processes compile the same small programs again and
 # again: the children share a JAX compilation cache (about a third of a tiny train run). This
 # process and the xdist workers keep compiling in memory only, as users' code does: the

@@ -219,6 +219,7 @@ def test_frozen_parameters_are_bit_identical_after_adamw_steps():
             assert same_bits(flat3[name], flat0[name]), name
 
 
+@pytest.mark.slow
 def test_freeze_until_step_unfreezes_after_k_updates():
     cfg = EncoderDecoderConfig(encoder=TINY, decoder=TINY)
     _, src = random_decoder_only(TINY, 0)

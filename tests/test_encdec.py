@@ -245,6 +245,7 @@ def test_dropout_is_active_only_with_rng():
     np.testing.assert_array_equal(a, run(model, jax.random.key(0)))
 
 
+@pytest.mark.slow
 def test_sharded_forward_and_decode_equal_unsharded():
     """Logical axes of the new parameters (cross-attention K/V over the encoder width) and the
     activation constraints work on a (data, fsdp, tensor) = (2, 2, 2) mesh of CPU devices."""

@@ -287,6 +287,7 @@ def test_jsonl_score_encoder_decoder(tmp_path, encdec_ckpt):
         )
 
 
+@pytest.mark.slow
 def test_decoder_only_predict_equals_decode(tmp_path, decoder_ckpt):
     """Decoder-only generation through `infer` (JSONL prompts and a prefix-LM seqio task) gives
     what `decoding.decode` gives on the same prompts."""

@@ -57,6 +57,7 @@ def test_wheel_contains_the_configs(installed):
     assert "encdec_adapt/data/assets/stdlib_spm_4000.model" in names
 
 
+@pytest.mark.slow
 def test_installed_package_runs_outside_the_checkout(installed, tmp_path):
     _, target = installed
     where = _run(target, tmp_path, "-c", "import encdec_adapt; print(encdec_adapt.__file__)")

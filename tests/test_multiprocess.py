@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from test_train_resume import REPO, TINY, state_at
 
 STEPS = 4
@@ -52,6 +53,7 @@ def _losses(model_dir):
     return {r["step"]: r["loss"] for r in rows if r["split"] == "train"}
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     single_dir, multi_dir = str(tmp_path / "single"), str(tmp_path / "multi")
     port = _free_port()

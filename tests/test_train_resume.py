@@ -346,6 +346,7 @@ def test_nonfinite_updates_are_never_saved(reference, tmp_path):
     assert params and all(not np.array_equal(last[k], good[k]) for k in params)
 
 
+@pytest.mark.slow
 def test_readers_polling_a_live_run_do_not_disturb_it(reference, tmp_path):
     """While a run trains (saving every step), its lock refuses a second writer (naming the
     live pid) and the params reader of eval / infer / export-params / embed polls it; the run's

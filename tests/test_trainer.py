@@ -226,6 +226,7 @@ def test_remat_changes_memory_not_numbers(policy):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_params_and_moments():
     model = models.DecoderOnlyModel(config=CONFIG.replace(dtype="bfloat16"))
     state, losses = _run(_trainer(model), _batches(2))
