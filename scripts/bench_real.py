@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -41,38 +40,6 @@ def small_config():
         query_pre_attn_scalar=16, sliding_window=16,
     )  # fmt: skip
     return cfg.replace(encoder=stack, decoder=stack)
-
-
-def bench_torch_t5gemma2(cfg, batch, steps: int) -> float | None:
-    """Seconds per step of transformers' T5Gemma 2 on the exported config (after one warm-up)."""
-    try:
-        import torch
-        from transformers import T5Gemma2Config, T5Gemma2ForConditionalGeneration
-    except ImportError as e:
-        print(f"torch / transformers unavailable: {e}", file=sys.stderr)
-        return None
-    from encdec_adapt.convert.t5gemma2 import config_to_hf
-
-    torch.manual_seed(0)
-    hf = T5Gemma2Config.from_dict(config_to_hf(cfg))
-    hf._attn_implementation = "eager"
-    model = T5Gemma2ForConditionalGeneration(hf).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    enc = torch.from_numpy(batch["encoder_input_tokens"]).long()
-    dec = torch.from_numpy(batch["decoder_input_tokens"]).long()
-    labels = torch.from_numpy(batch["decoder_target_tokens"]).long()
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        out = model(input_ids=enc, decoder_input_ids=dec, labels=labels)
-        out.loss.backward()
-        opt.step()
-
-    step()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) / steps
 
 
 def main(argv=None) -> int:
@@ -102,7 +69,7 @@ def main(argv=None) -> int:
     print(f"encdec_adapt: {rows[0][1]:.2f} s/step", flush=True)
     if not args.skip_torch:
         name = "transformers T5Gemma2ForConditionalGeneration (torch, eager)"
-        rows.append((name, bench_torch_t5gemma2(cfg, batch, args.steps)))
+        rows.append((name, bench_train.bench_torch(cfg, batch, args.steps, "t5gemma2")))
     print("| implementation | step time (s) | target tokens/s | all tokens/s | MFU |")
     print("|---|---:|---:|---:|---:|")
     for name, sec in rows:

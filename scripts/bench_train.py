@@ -89,19 +89,34 @@ def bench_jax(cfg, batch, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_torch(cfg, batch, steps: int) -> float | None:
+def bench_torch(cfg, batch, steps: int, layout: str = "t5gemma") -> float | None:
+    """Seconds per step of transformers' T5Gemma (layout "t5gemma") or T5Gemma 2 ("t5gemma2")
+    built from the config this package exports for `cfg` (after one warm-up step)."""
     try:
         import torch
-        from transformers import T5GemmaConfig, T5GemmaForConditionalGeneration
+        import transformers
     except ImportError as e:
         print(f"torch / transformers unavailable: {e}", file=sys.stderr)
         return None
-    from encdec_adapt.convert.t5gemma import config_to_hf
+    if layout == "t5gemma2":
+        from encdec_adapt.convert.t5gemma2 import config_to_hf
+
+        config_cls, model_cls = (
+            transformers.T5Gemma2Config,
+            transformers.T5Gemma2ForConditionalGeneration,
+        )
+    else:
+        from encdec_adapt.convert.t5gemma import config_to_hf
+
+        config_cls, model_cls = (
+            transformers.T5GemmaConfig,
+            transformers.T5GemmaForConditionalGeneration,
+        )
 
     torch.manual_seed(0)
-    hf = T5GemmaConfig.from_dict(config_to_hf(cfg))
+    hf = config_cls.from_dict(config_to_hf(cfg))
     hf._attn_implementation = "eager"
-    model = T5GemmaForConditionalGeneration(hf).train()
+    model = model_cls(hf).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     enc = torch.from_numpy(batch["encoder_input_tokens"]).long()
     dec = torch.from_numpy(batch["decoder_input_tokens"]).long()
