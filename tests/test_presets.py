@@ -42,6 +42,17 @@ def test_every_preset_loads():
         assert len(cfg.layer_types) == cfg.num_layers
 
 
+def test_loading_a_preset_logs_no_errors(caplog, tmp_path, monkeypatch):
+    """gin tries the working directory before the shipped configs and logs an ERROR per miss;
+    a preset that loads must not print them."""
+    import logging
+
+    monkeypatch.chdir(tmp_path)  # no models/ here: every include misses the first location
+    with caplog.at_level(logging.INFO):
+        load_encdec_preset("t5gemma2_270m_270m")
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
 def test_unknown_preset():
     with pytest.raises(FileNotFoundError, match="No model preset 'gemma9_1b'"):
         load_preset("gemma9_1b")

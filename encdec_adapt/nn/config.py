@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import os
 from collections.abc import Sequence
 
@@ -341,5 +342,19 @@ def load_encdec_preset(name: str) -> EncoderDecoderConfig:
     return cfg
 
 
+class _GinSearchNoise(logging.Filter):
+    """Drops gin's 'Path not found' ERROR records: gin logs one for every search location it
+    tries before the one that holds the file (the working directory, then the shipped configs),
+    so a preset that loads fine would print errors."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (
+            record.pathname.endswith(os.path.join("gin", "resource_reader.py"))
+            and str(record.msg).startswith("Path not found")
+        )
+
+
+# gin's resource reader logs through the root logger.
+logging.getLogger().addFilter(_GinSearchNoise())
 # Presets include each other as 'models/NAME.gin': resolvable from any working directory.
 add_gin_search_path()
