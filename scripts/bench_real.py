@@ -8,9 +8,10 @@ architecture on the same random batch in one run on the same machine: this packa
 (`runtime.trainer.Trainer`, AdamW, jit) on the `t5gemma2_270m_270m` preset (the layout the real
 quickstart trains), and transformers' `T5Gemma2ForConditionalGeneration` built from the config that
 `convert/t5gemma2.py`'s `config_to_hf` exports for it (eager attention, torch AdamW). Weights are
-random: a step costs the same whatever their values. Compilation (JAX) and the first step (torch)
-are excluded; the step functions are scripts/bench_train.py's. Prints a markdown table: step time,
-target tokens/s, all tokens/s, MFU against `--peak_flops`.
+random: a step costs the same whatever their values. Each side runs in its own worker process
+(`bench_ab.py`): one warm-up step each (JAX: with compilation), then `--pairs` alternated A B
+rounds; the step functions are scripts/bench_train.py's. Prints a markdown table: median step
+time (min-max), target tokens/s, all tokens/s, MFU against `--peak_flops`, peak RSS per side.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import bench_ab
 import bench_train
 import jax
 
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--inputs", type=int, default=64)
     p.add_argument("--targets", type=int, default=32)
-    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=3, help="alternated A B rounds (timed)")
     p.add_argument("--peak_flops", type=float, default=2e11, help="machine peak FLOP/s")
     p.add_argument("--skip_torch", action="store_true")
     args = p.parse_args(argv)
@@ -65,20 +67,32 @@ def main(argv=None) -> int:
         f"{jax.devices()[0].platform} device(s), {flops_per_step / 1e12:.3f} TFLOP per step",
         flush=True,
     )
-    rows = [("encdec_adapt (JAX)", bench_train.bench_jax(cfg, batch, args.steps))]
-    print(f"encdec_adapt: {rows[0][1]:.2f} s/step", flush=True)
+    sides = {"jax": (bench_train.setup_jax, {"cfg": cfg, "batch": batch})}
     if not args.skip_torch:
-        name = "transformers T5Gemma2ForConditionalGeneration (torch, eager)"
-        rows.append((name, bench_train.bench_torch(cfg, batch, args.steps, "t5gemma2")))
-    print("| implementation | step time (s) | target tokens/s | all tokens/s | MFU |")
-    print("|---|---:|---:|---:|---:|")
-    for name, sec in rows:
-        if sec is None:
-            continue
+        sides["torch"] = (
+            bench_train.setup_torch, {"cfg": cfg, "batch": batch, "layout": "t5gemma2"}
+        )  # fmt: skip
+    res = bench_ab.run_ab(sides, pairs=args.pairs, warmup=1)
+    names = {
+        "jax": "encdec_adapt (JAX)",
+        "torch": "transformers T5Gemma2ForConditionalGeneration (torch, eager)",
+    }
+    print(f"{args.pairs} alternated rounds after 1 warm-up step per side; {bench_ab.load_line()}")
+    print("| implementation | step time (s): median (min-max) | target tokens/s | all tokens/s "
+          "| MFU | peak RSS |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|")
+    for key, r in res.items():
+        sec = r.median
         tgt = args.batch * args.targets / sec
         total = args.batch * (args.inputs + args.targets) / sec
         mfu = flops_per_step / sec / args.peak_flops
-        print(f"| {name} | {sec:.2f} | {tgt:,.1f} | {total:,.1f} | {mfu:.1%} |")
+        print(
+            f"| {names[key]} | {bench_ab.spread(r.times, '{:.2f}')} | {tgt:,.1f} | {total:,.1f} "
+            f"| {mfu:.1%} | {r.stats['peak_rss_MiB'] / 1024:.1f} GiB |"
+        )
+    if "torch" in res:
+        ratios = bench_ab.pair_ratios(res, "torch", "jax")
+        print(f"speed-up (torch / jax step time per round): {bench_ab.spread(ratios, '{:.2f}')}x")
     return 0
 
 

@@ -220,7 +220,12 @@ def test_remat_changes_memory_not_numbers(policy):
 
     (l0, g0), jaxpr0 = loss_and_grads(models.DecoderOnlyModel(config=CONFIG))
     (l1, g1), jaxpr1 = loss_and_grads(models.DecoderOnlyModel(config=CONFIG, remat=policy))
-    assert "remat" not in jaxpr0 and "remat" in jaxpr1
+    if policy == "full":
+        # A custom VJP (models/generative.py: _sequenced_remat): the gradient's jaxpr holds the
+        # forward matmuls twice, once more for the recomputation in the backward pass.
+        assert jaxpr1.count("dot_general") > jaxpr0.count("dot_general")
+    else:
+        assert "remat" not in jaxpr0 and "remat" in jaxpr1
     np.testing.assert_allclose(float(l0), float(l1), rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -133,7 +133,8 @@ def sample_or_greedy(
     def body(carry):
         i, logits, state, tokens, done, scores, rng = carry
         logits = logits.astype(jnp.float32)
-        logp = jax.nn.log_softmax(logits, axis=-1)
+        # The chosen token's log-probability without writing out [B, V] log-probabilities.
+        log_z = jax.nn.logsumexp(logits, axis=-1)
         if greedy:
             tok = jnp.argmax(logits, axis=-1)
         else:
@@ -141,7 +142,8 @@ def sample_or_greedy(
             filtered = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
             tok = jax.random.categorical(key, filtered, axis=-1)
         tok = jnp.where(done, cfg.pad_id, tok).astype(jnp.int32)
-        scores = scores + jnp.where(done, 0.0, jnp.take_along_axis(logp, tok[:, None], 1)[:, 0])
+        tok_logp = jnp.take_along_axis(logits, tok[:, None], 1)[:, 0] - log_z
+        scores = scores + jnp.where(done, 0.0, tok_logp)
         tokens = tokens.at[:, i].set(tok)
         done = done | (tok == cfg.eos_id)
         logits, state = step_fn(tok, state)
@@ -347,7 +349,8 @@ def encoder_decoder_start(
     """
     b = encoder_tokens.shape[0]
     encoded = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
-    cross = model.cross_inputs(encoded)
+    # Head-major K/V: the steps' attention reads them (and the cache) without transposing.
+    cross = model.cross_inputs(encoded, head_major=True)
     cache = model.init_cache(b, max_decode_len + 1)
     start = jnp.full((b, 1), decoder_start_id, jnp.int32)
     logits, cache = model.decode(start, cross, cache=cache)

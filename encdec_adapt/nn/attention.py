@@ -134,6 +134,44 @@ class KV(NamedTuple):
     v: jax.Array
 
 
+class HeadMajorKV(NamedTuple):
+    """Keys and values of one layer, head-major: each [B, K, S, H].
+
+    The layout of decoding caches: the attention dots of a decode step contract over H
+    (logits) and S (values) with B and K as batch axes, so they read this layout as it is,
+    where [B, S, K, H] would be transposed (copied) in every layer at every step.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+def to_head_major(kv: KV | HeadMajorKV) -> HeadMajorKV:
+    """[B, S, K, H] keys / values -> [B, K, S, H] (unchanged when already head-major)."""
+    if isinstance(kv, HeadMajorKV):
+        return kv
+    return HeadMajorKV(jnp.swapaxes(kv.k, 1, 2), jnp.swapaxes(kv.v, 1, 2))
+
+
+def to_sequence_major(kv: KV | HeadMajorKV) -> KV:
+    """[B, K, S, H] keys / values -> [B, S, K, H] (unchanged when already sequence-major)."""
+    if isinstance(kv, HeadMajorKV):
+        return KV(jnp.swapaxes(kv.k, 1, 2), jnp.swapaxes(kv.v, 1, 2))
+    return kv
+
+
+def concat_kv(first: KV | HeadMajorKV, second: KV | HeadMajorKV) -> KV | HeadMajorKV:
+    """Keys / values of `first` followed by those of `second`, in `first`'s layout and dtype."""
+    if isinstance(first, HeadMajorKV):
+        second, axis = to_head_major(second), 2
+    else:
+        second, axis = to_sequence_major(second), 1
+    return type(first)(
+        jnp.concatenate([first.k, second.k.astype(first.k.dtype)], axis=axis),
+        jnp.concatenate([first.v, second.v.astype(first.v.dtype)], axis=axis),
+    )
+
+
 class Attention(nnx.Module):
     """Multi-head attention with K <= N key/value heads.
 
@@ -209,24 +247,27 @@ class Attention(nnx.Module):
         axes = ("activation_batch", "activation_length", "activation_kv_heads", None)
         return KV(sharding.constrain(k, axes), sharding.constrain(v, axes))
 
-    def attend(self, q: jax.Array, kv: KV, mask: jax.Array | MaskSpec) -> jax.Array:
-        """Queries [B, T, N, H] over keys/values [B, S, K, H] -> [B, T, D].
+    def attend(self, q: jax.Array, kv: KV | HeadMajorKV, mask: jax.Array | MaskSpec) -> jax.Array:
+        """Queries [B, T, N, H] over keys/values [B, S, K, H] (or head-major) -> [B, T, D].
 
         mask: a `MaskSpec`, or its [B, T, S] bool values (always the materialising path). The
         implementation follows `blockwise.select_impl` (module docstring of `nn.blockwise`).
         """
         b, t, n, h = q.shape
         groups = n // self.num_kv_heads
+        head_major = isinstance(kv, HeadMajorKV)
         impl = "xla"
         if isinstance(mask, MaskSpec):
             impl = blockwise.select_impl(
                 self.attention_impl,
                 q_len=t,
-                kv_len=kv.k.shape[1],
+                kv_len=kv.k.shape[2 if head_major else 1],
                 soft_cap=self.attn_logits_soft_cap,
                 dtype=q.dtype,
                 head_dim=h,
             )
+        if impl != "xla":
+            kv = to_sequence_major(kv)
         if impl == "blockwise":
             q5 = q.reshape(b, t, self.num_kv_heads, groups, h)
             out = blockwise.attention(q5, kv.k, kv.v, mask, soft_cap=self.attn_logits_soft_cap)
@@ -244,9 +285,10 @@ class Attention(nnx.Module):
             if isinstance(mask, MaskSpec):
                 mask = mask.dense()
             q = q.reshape(b, t, self.num_kv_heads, groups, h)
-            logits = jnp.einsum("btkgh,bskh->bkgts", q, kv.k)
+            kv_spec = "bksh" if head_major else "bskh"
+            logits = jnp.einsum(f"btkgh,{kv_spec}->bkgts", q, kv.k)
             logits = soft_cap(logits, self.attn_logits_soft_cap)
             logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), _MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(kv.v.dtype)
-            out = jnp.einsum("bkgts,bskh->btkgh", probs, kv.v).reshape(b, t, n, h)
+            out = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, kv.v).reshape(b, t, n, h)
         return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(out.dtype))

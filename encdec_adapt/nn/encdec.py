@@ -42,7 +42,15 @@ import jax.numpy as jnp
 from flax import nnx
 
 from encdec_adapt.nn import layers
-from encdec_adapt.nn.attention import KV, Attention, MaskSpec, concat_keys
+from encdec_adapt.nn.attention import (
+    KV,
+    Attention,
+    HeadMajorKV,
+    MaskSpec,
+    concat_keys,
+    concat_kv,
+    to_head_major,
+)
 from encdec_adapt.nn.config import AttentionType, EncoderDecoderConfig, GemmaConfig
 from encdec_adapt.nn.transformer import (
     Block,
@@ -76,10 +84,11 @@ class Encoded(NamedTuple):
 class CrossInputs(NamedTuple):
     """Cross-attention keys/values of every decoder layer, computed once per encoded batch.
 
-    kv: one KV per decoder layer, each [B, S, K, H]; segment_ids: [B, S] encoder segment ids.
+    kv: one KV per decoder layer, each [B, S, K, H] (HeadMajorKV [B, K, S, H] when prepared for
+    decoding: `cross_inputs(..., head_major=True)`); segment_ids: [B, S] encoder segment ids.
     """
 
-    kv: tuple[KV, ...]
+    kv: tuple[KV | HeadMajorKV, ...]
     segment_ids: jax.Array
 
 
@@ -210,10 +219,7 @@ class DecoderBlock(Block):
         kv = self.attn.keys_values(h, positions)
         if cache is not None:
             kv = write_cache(cache, kv, cache_index)
-        joint = KV(
-            jnp.concatenate([kv.k, cross_kv.k.astype(kv.k.dtype)], axis=1),
-            jnp.concatenate([kv.v, cross_kv.v.astype(kv.v.dtype)], axis=1),
-        )
+        joint = concat_kv(kv, cross_kv)  # in the cache's layout when decoding
         out = self.attn.attend(q, joint, concat_keys(mask, cross_mask))
         return self.post_attn_norm(out), kv if cache is not None else None
 
@@ -223,7 +229,7 @@ class DecoderBlock(Block):
         positions,
         mask,
         *,
-        cross_kv: KV,
+        cross_kv: KV | HeadMajorKV,
         cross_mask: MaskSpec,
         cache=None,
         cache_index=None,
@@ -346,10 +352,13 @@ class EncoderDecoder(nnx.Module):
         """
         return self.encoder(tokens, segment_ids=segment_ids, positions=positions, rng=rng)
 
-    def cross_inputs(self, encoded: Encoded) -> CrossInputs:
-        """Projects the encoder states once for every decoder layer: K/V of [B, S, K, H]."""
+    def cross_inputs(self, encoded: Encoded, *, head_major: bool = False) -> CrossInputs:
+        """Projects the encoder states once for every decoder layer: K/V of [B, S, K, H], or
+        [B, K, S, H] with `head_major` (what decoding steps read without a transpose)."""
         hidden = encoded.hidden.astype(self.config.decoder.compute_dtype)
         kv = tuple(project_cross_kv(b.cross_projections, hidden) for b in self.decoder.stack.blocks)
+        if head_major:
+            kv = tuple(to_head_major(x) for x in kv)
         return CrossInputs(kv, encoded.segment_ids)
 
     def init_cache(self, batch_size: int, max_length: int) -> DecodeCache:

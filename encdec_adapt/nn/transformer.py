@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from encdec_adapt.nn import layers
-from encdec_adapt.nn.attention import KV, Attention, MaskSpec
+from encdec_adapt.nn.attention import KV, Attention, HeadMajorKV, MaskSpec
 from encdec_adapt.nn.config import AttentionType, GemmaConfig
 from encdec_adapt.parallel import sharding
 
@@ -53,13 +53,14 @@ def make_attention(
     )
 
 
-def write_cache(cache: KV, new: KV, index: jax.Array) -> KV:
-    """Writes T new keys/values [B, T, K, H] into a layer cache [B, L, K, H] at slot `index`."""
-    start = (0, index, 0, 0)
-    return KV(
-        jax.lax.dynamic_update_slice(cache.k, new.k.astype(cache.k.dtype), start),
-        jax.lax.dynamic_update_slice(cache.v, new.v.astype(cache.v.dtype), start),
-    )
+def write_cache(cache: HeadMajorKV, new: KV, index: jax.Array) -> HeadMajorKV:
+    """Writes T new keys/values [B, T, K, H] into a layer cache [B, K, L, H] at slot `index`."""
+    start = (0, 0, index, 0)
+
+    def write(c, x):
+        return jax.lax.dynamic_update_slice(c, jnp.swapaxes(x, 1, 2).astype(c.dtype), start)
+
+    return HeadMajorKV(write(cache.k, new.k), write(cache.v, new.v))
 
 
 class Block(nnx.Module):
@@ -109,11 +110,12 @@ class Block(nnx.Module):
 class DecodeCache(NamedTuple):
     """Self-attention cache of a whole stack.
 
-    layers: one KV per layer, each [B, L, K, H]; positions / segment_ids: [B, L] of the cached
-    slots (segment 0 = empty); index: the next slot to write (a scalar int32).
+    layers: one HeadMajorKV per layer, each [B, K, L, H] (head-major, see `HeadMajorKV`);
+    positions / segment_ids: [B, L] of the cached slots (segment 0 = empty); index: the next
+    slot to write (a scalar int32).
     """
 
-    layers: tuple[KV, ...]
+    layers: tuple[HeadMajorKV, ...]
     positions: jax.Array
     segment_ids: jax.Array
     index: jax.Array
@@ -121,8 +123,8 @@ class DecodeCache(NamedTuple):
 
 def init_cache(cfg: GemmaConfig, batch_size: int, max_length: int) -> DecodeCache:
     """An empty cache of `max_length` slots in the compute dtype."""
-    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-    kv = KV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
+    shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+    kv = HeadMajorKV(jnp.zeros(shape, cfg.compute_dtype), jnp.zeros(shape, cfg.compute_dtype))
     zeros = jnp.zeros((batch_size, max_length), jnp.int32)
     return DecodeCache((kv,) * cfg.num_layers, zeros, zeros, jnp.zeros((), jnp.int32))
 
