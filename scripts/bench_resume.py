@@ -74,7 +74,7 @@ def first_batch_after(state: dict) -> tuple[float, dict]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--positions", type=int, nargs="+", default=[100, 10_000, 100_000])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument(
