@@ -29,6 +29,43 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _env(devices):
+    env = dict(os.environ)
+    env.update(
+        # keep the other XLA flags of the session (tests/conftest.py), change the device count
+        XLA_FLAGS=re.sub(r"\S*device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+        + f" --xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        TF_CPP_MIN_LOG_LEVEL="3",
+        PYTHONPATH=os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
+    )
+    return env
+
+
+def _start(model_dir, devices, *extra):
+    """Starts one process of a tiny synthetic-data run on `devices` devices (the failing-host
+    tests); returns the Popen, its output merged into stdout."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "encdec_adapt.cli.main",
+        "train",
+        *TINY,
+        f"--gin.MODEL_DIR={model_dir}",
+        f"--gin.TRAIN_STEPS={STEPS}",
+        "--gin.MeshRules.mesh_shape=(2, 2, 1)",
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=_env(devices),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
 def _cmd(model_dir, steps, task_gin, *extra):
     return [
         sys.executable,
@@ -53,15 +90,7 @@ def _cmd(model_dir, steps, task_gin, *extra):
 
 def _train(model_dir, steps, task_gin, processes):
     """Runs `processes` processes with 4 // processes devices each; returns their outputs."""
-    env = dict(os.environ)
-    env.update(
-        # keep the other XLA flags of the session (tests/conftest.py), change the device count
-        XLA_FLAGS=re.sub(r"\S*device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-        + f" --xla_force_host_platform_device_count={4 // processes}",
-        JAX_PLATFORMS="cpu",
-        TF_CPP_MIN_LOG_LEVEL="3",
-        PYTHONPATH=os.pathsep.join([REPO, TESTS, env.get("PYTHONPATH", "")]),
-    )
+    env = _env(4 // processes)
     port = _free_port()
     job = []
     if processes > 1:
