@@ -206,6 +206,7 @@ def test_resume_reads_the_same_number_of_examples_at_any_position():
     assert reads["replay", 60] > reads["replay", 3] + 100, reads  # the counter sees replays
 
 
+@pytest.mark.slow  # 12 s of pipeline builds; the default suite has no time left for it
 def test_one_task_per_batch_mixture_over_shards():
     cfg = _config(task=MIXTURE, one_task_per_batch=True, num_shards=2)
     procs = [_process(cfg, p, 2) for p in range(2)]
