@@ -439,3 +439,25 @@ def test_hf_directory_roundtrip_on_gcs(gcs):
     assert hf_files.is_hf_dir(out)
     assert hf_files.read_config(out) == {"model_type": "gemma2"}
     np.testing.assert_array_equal(hf_files.read_tensors(out)["a.weight"], tensors["a.weight"])
+
+
+@pytest.mark.slow
+def test_warm_start_of_another_model_type_from_gcs(gcs):
+    """A decoder-only params checkpoint on gs:// (its model.json read through the storage
+    layer) warm-starts both towers of a dual encoder; nothing is written locally."""
+    from flax import nnx
+
+    from encdec_adapt.nn.transformer import DecoderOnly
+    from encdec_adapt.storage import params_io
+    from tests import test_embedding_models as em
+
+    t = em.single(em.dual_model(de=dict(sharing="separate")))
+    decoder = DecoderOnly(em.TOWER, rngs=nnx.Rngs(7))
+    path = _url("warm", "dec")
+    params_io.save(path, params_io.model_params(decoder), "decoder_only", em.TOWER.to_dict())
+    assert "warm/dec/model.json" in _objects("warm/")
+    state = t.warm_start(t.init_state(), path)
+    source = params_io.flatten(params_io.model_params(decoder))
+    for tower in ("query_tower", "doc_tower"):
+        for name, x in params_io.flatten(state.params[tower]).items():
+            np.testing.assert_array_equal(x, source[name], err_msg=name)
