@@ -461,3 +461,51 @@ def test_warm_start_of_another_model_type_from_gcs(gcs):
     for tower in ("query_tower", "doc_tower"):
         for name, x in params_io.flatten(state.params[tower]).items():
             np.testing.assert_array_equal(x, source[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_embed_reads_and_writes_gcs(gcs, tmp_path):
+    """`embed` with its towers checkpoint, its input file and its output directory on gs://
+    writes into the bucket the embeddings a local run of the same files gives."""
+    import io
+
+    import gin
+    from flax import nnx
+
+    from encdec_adapt.nn.config import load_preset
+    from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig
+    from encdec_adapt.storage import params_io
+    from tests import test_embed as te
+
+    cfg = DualEncoderConfig(tower=load_preset("gemma_tiny"))
+    params = params_io.model_params(DualEncoder(cfg, rngs=nnx.Rngs(1)))
+    text = "read a file\n\nadd two numbers\n"
+    local_towers, local_input = str(tmp_path / "towers"), tmp_path / "texts.txt"
+    params_io.save(local_towers, params, "dual_encoder", cfg.to_dict())
+    local_input.write_text(text)
+    towers = _url("embed_towers")
+    params_io.save(towers, params, "dual_encoder", cfg.to_dict())
+    from google.cloud import storage
+
+    storage.Client().bucket(BUCKET).blob("embed_in/texts.txt").upload_from_string(text)
+    try:
+        local_out = str(tmp_path / "out")
+        args = [f"INPUT_FILE={local_input}", f"OUTPUT_DIR={local_out}"]
+        assert te.run_embed(f"PARAMS_FROM={local_towers}", *args) == 0
+        args = [f"INPUT_FILE={_url('embed_in', 'texts.txt')}", f"OUTPUT_DIR={_url('embed_out')}"]
+        assert te.run_embed(f"PARAMS_FROM={towers}", *args) == 0
+    finally:
+        with gin.unlock_config():
+            gin.clear_config()
+    objs = _objects("embed_out/")
+    assert sorted(objs) == [
+        "embed_out/embeddings.jsonl",
+        "embed_out/embeddings.npy",
+        "embed_out/stats.json",
+    ], list(objs)
+    want = np.load(os.path.join(local_out, "embeddings.npy"))
+    assert want.shape[0] == 3
+    np.testing.assert_array_equal(np.load(io.BytesIO(objs["embed_out/embeddings.npy"])), want)
+    with open(os.path.join(local_out, "embeddings.jsonl"), "rb") as f:
+        assert objs["embed_out/embeddings.jsonl"] == f.read()
+    assert not os.path.exists(os.path.join(REPO, "gs:")), "a local gs: directory was created"
