@@ -113,13 +113,17 @@ def test_each_process_tokenizes_and_packs_only_its_share():
         assert packed[p] <= counts[p] < 0.75 * sum(packed), (counts, packed)
 
 
-def test_global_batches_do_not_depend_on_the_process_count():
-    cfg = _config(num_shards=4)
+@pytest.mark.parametrize(
+    ("shards", "counts"),
+    [(2, (1, 2)), pytest.param(4, (1, 2, 4), marks=pytest.mark.slow)],  # slow: 12 pipelines
+)
+def test_global_batches_do_not_depend_on_the_process_count(shards, counts):
+    cfg = _config(num_shards=shards)
     runs = {}
-    for n in (1, 2, 4):
+    for n in counts:
         its = [_process(cfg, p, n) for p in range(n)]
         runs[n] = [_global(its) for _ in range(4)]
-    for n in (2, 4):
+    for n in counts[1:]:
         for a, b in zip(runs[1], runs[n]):
             _equal(a, b)
     weights = np.stack([b["decoder_loss_weights"] for b in runs[1]])
