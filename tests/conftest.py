@@ -69,6 +69,7 @@ HEAVY_FIRST = (
     "test_scan_layers.py",
     "test_dual_encoder.py",
     "test_multiprocess.py",
+    "test_data_shards.py",
 )
 
 

@@ -252,45 +252,59 @@ def test_params_checkpoint_roundtrip_on_gcs(gcs):
     np.testing.assert_array_equal(back["layers"]["0"]["w"], params["layers"]["0"]["w"])
 
 
-@pytest.mark.slow
-def test_train_on_gcs_sigkill_resume_is_bit_identical_then_export_params(gcs, tmp_path):
-    """Acceptance: a tiny run with MODEL_DIR on gs:// is SIGKILLed, resumes, and ends bit for
-    bit where an uninterrupted local run ends; export-params writes a params checkpoint into the
-    bucket holding exactly the trained parameters."""
-    import signal
-
-    from encdec_adapt.storage import params_io
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """`encdec-adapt ARGS` in a child process with the emulator's environment (os.environ; the
+    tests folder on its path for tiny_seqio_task)."""
     from tests import test_train_resume as tr
 
-    local = str(tmp_path / "local")
+    env = tr._env()
+    env["PYTHONPATH"] = os.path.dirname(os.path.abspath(__file__)) + os.pathsep + env["PYTHONPATH"]
+    return subprocess.run(
+        [sys.executable, "-m", "encdec_adapt.cli.main", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def gcs_run(gcs, tmp_path_factory):
+    """A tiny run with MODEL_DIR on gs://, SIGKILLed at step 7 and resumed to the end, and an
+    uninterrupted local run of the same config: (the run's URL, the local run's directory)."""
+    import signal
+
+    from tests import test_train_resume as tr
+
+    local = str(tmp_path_factory.mktemp("local"))
     code, out = tr.run(local)
     assert code == 0, out
     url = _url("train_run")
     code, out = tr.run_and_signal(url, 7, signal.SIGKILL)
     assert code == -signal.SIGKILL, out
     assert "train_run/lock.json" in _objects("train_run/")  # left by the killed trainer
-    code, out = tr.run(url)  # takes over its stale lock, resumes from step 6
+    code, out = tr.run(url)  # takes over its stale lock, resumes (step 6, or 3 if 6 was in flight)
     assert code == 0, out
+    assert "Resuming from step " in out, out
+    return url, local
+
+
+@pytest.mark.slow
+def test_train_on_gcs_sigkill_resume_is_bit_identical_then_export_params(gcs_run):
+    """Acceptance: a tiny run with MODEL_DIR on gs:// is SIGKILLed, resumes, and ends bit for
+    bit where an uninterrupted local run ends; export-params writes a params checkpoint into the
+    bucket holding exactly the trained parameters."""
+    from encdec_adapt.storage import params_io
+    from tests import test_train_resume as tr
+
+    url, local = gcs_run
     assert "train_run/config.gin" in _objects("train_run/")
     final = tr.state_at(url, tr.STEPS)
     tr._assert_identical(final, tr.state_at(local, tr.STEPS))
 
     exported = _url("exported")
-    p = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "encdec_adapt.cli.main",
-            "export-params",
-            f"--model_dir={url}",
-            f"--output={exported}",
-        ],
-        cwd=REPO,
-        env=tr._env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    p = _cli("export-params", f"--model_dir={url}", f"--output={exported}")
     assert p.returncode == 0, p.stdout + p.stderr
     params = params_io.flatten(params_io.load(exported))
     trained = {
@@ -300,6 +314,110 @@ def test_train_on_gcs_sigkill_resume_is_bit_identical_then_export_params(gcs, tm
     for name, value in params.items():
         key = "".join(f"['{part}']" for part in name.split("/"))
         np.testing.assert_array_equal(np.asarray(value), trained[key])
+
+
+@pytest.mark.slow
+def test_eval_and_infer_read_the_run_on_gcs_and_write_into_it(gcs_run, tmp_path):
+    """Acceptance: `eval` and `infer` restore the run's parameters from gs:// and write their
+    outputs into the bucket (the eval row into MODEL_DIR/metrics.jsonl, the scores to a gs://
+    OUTPUT), with the numbers of a numpy forward pass of the checkpoint (rtol 1e-5)."""
+    import tiny_seqio_task
+
+    from encdec_adapt.data import input_pipeline
+    from tests import test_train_resume as tr
+
+    url, _ = gcs_run
+    task_gin = tmp_path / "task.gin"
+    task_gin.write_text("import tiny_seqio_task\n")
+    common = [
+        *tr.TINY,
+        f"--gin_file={task_gin}",
+        f"--gin.MODEL_DIR={url}",
+        "--gin.TARGET_LENGTH=16",
+    ]
+    data = input_pipeline.DataConfig(
+        task=tiny_seqio_task.TASK,
+        split="validation",
+        batch_size=8,
+        task_feature_lengths={"targets": 16},
+        shuffle=False,
+        repeat=False,
+    )
+    it = input_pipeline.make_iterator(data)
+    expected = tr._reference_scores(url, [next(it) for _ in range(2)])
+    total_ll = sum(ll for ll, _ in expected)
+    total_tokens = sum(n for _, n in expected)
+
+    p = _cli(
+        "eval",
+        *common,
+        "--gin_file=runs/eval.gin",
+        "--gin.EVAL_TASK=tiny_synthetic_lm",
+        "--gin.evaluate.eval_batches=2",
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+    scores = _url("outputs", "scores.jsonl")
+    p = _cli(
+        "infer",
+        *common,
+        "--gin_file=runs/infer.gin",
+        "--gin.INFER_TASK=tiny_synthetic_lm",
+        f"--gin.OUTPUT={scores}",
+        "--gin.infer.num_batches=2",
+    )
+    assert p.returncode == 0, p.stdout + p.stderr
+
+    rows = _objects("train_run/metrics.jsonl")["train_run/metrics.jsonl"].decode().splitlines()
+    evals = [r for r in map(json.loads, rows) if r["split"] == "eval"]
+    assert len(evals) == 1 and evals[0]["tokens"] == total_tokens, evals
+    np.testing.assert_allclose(evals[0]["loss"], -total_ll / total_tokens, rtol=1e-5)
+    written = _objects("outputs/")
+    assert list(written) == ["outputs/scores.jsonl"], list(written)
+    rows = [json.loads(line) for line in written["outputs/scores.jsonl"].decode().splitlines()]
+    assert len(rows) == 16
+    np.testing.assert_allclose(
+        [r["log_likelihood"] for r in rows], [ll for ll, _ in expected], rtol=1e-5
+    )
+    assert [r["tokens"] for r in rows] == [int(n) for _, n in expected]
+    assert not os.path.exists(os.path.join(REPO, "gs:")), "a local gs: directory was created"
+
+
+@pytest.mark.slow
+def test_import_hf_from_gcs_and_export_hf_to_gcs(gcs, tmp_path):
+    """Acceptance: `import-hf` reads an HF directory from gs:// (uploaded with
+    google-cloud-storage) and writes a params checkpoint into the bucket; `export-hf` reads that
+    checkpoint and writes an HF directory into the bucket whose safetensors hold exactly the
+    original tensors."""
+    from google.cloud import storage
+    from safetensors.numpy import load, load_file
+
+    from encdec_adapt.cli import main
+    from tests import hf_fixtures
+
+    local = tmp_path / "hf"
+    hf_fixtures.save_gemma(str(local), "gemma2", seed=4)
+    bucket = storage.Client().bucket(BUCKET)
+    for f in sorted(local.iterdir()):
+        bucket.blob(f"hf_in/{f.name}").upload_from_filename(str(f))
+    original = load_file(str(local / "model.safetensors"))
+
+    ckpt, exported = _url("hf_ckpt"), _url("hf_exported")
+    assert main.main(["import-hf", "--input", _url("hf_in"), "--output", ckpt]) == 0
+    names = set(_objects("hf_ckpt/"))
+    assert "hf_ckpt/model.json" in names, names
+    assert any(n.startswith("hf_ckpt/params/") for n in names), names
+    model_json = json.loads(_objects("hf_ckpt/model.json")["hf_ckpt/model.json"])
+    assert model_json["model_type"] == "decoder_only", model_json
+
+    assert main.main(["export-hf", "--input", ckpt, "--output", exported]) == 0
+    objs = _objects("hf_exported/")
+    assert "hf_exported/config.json" in objs and "hf_exported/model.safetensors" in objs, list(objs)
+    assert json.loads(objs["hf_exported/config.json"])["model_type"] == "gemma2"
+    back = load(objs["hf_exported/model.safetensors"])
+    assert sorted(back) == sorted(original)
+    for name, value in original.items():
+        np.testing.assert_array_equal(back[name], value, err_msg=name)
+    assert not os.path.exists(os.path.join(REPO, "gs:")), "a local gs: directory was created"
 
 
 def test_hf_directory_roundtrip_on_gcs(gcs):
@@ -321,3 +439,73 @@ def test_hf_directory_roundtrip_on_gcs(gcs):
     assert hf_files.is_hf_dir(out)
     assert hf_files.read_config(out) == {"model_type": "gemma2"}
     np.testing.assert_array_equal(hf_files.read_tensors(out)["a.weight"], tensors["a.weight"])
+
+
+@pytest.mark.slow
+def test_warm_start_of_another_model_type_from_gcs(gcs):
+    """A decoder-only params checkpoint on gs:// (its model.json read through the storage
+    layer) warm-starts both towers of a dual encoder; nothing is written locally."""
+    from flax import nnx
+
+    from encdec_adapt.nn.transformer import DecoderOnly
+    from encdec_adapt.storage import params_io
+    from tests import test_embedding_models as em
+
+    t = em.single(em.dual_model(de=dict(sharing="separate")))
+    decoder = DecoderOnly(em.TOWER, rngs=nnx.Rngs(7))
+    path = _url("warm", "dec")
+    params_io.save(path, params_io.model_params(decoder), "decoder_only", em.TOWER.to_dict())
+    assert "warm/dec/model.json" in _objects("warm/")
+    state = t.warm_start(t.init_state(), path)
+    source = params_io.flatten(params_io.model_params(decoder))
+    for tower in ("query_tower", "doc_tower"):
+        for name, x in params_io.flatten(state.params[tower]).items():
+            np.testing.assert_array_equal(x, source[name], err_msg=name)
+
+
+@pytest.mark.slow
+def test_embed_reads_and_writes_gcs(gcs, tmp_path):
+    """`embed` with its towers checkpoint, its input file and its output directory on gs://
+    writes into the bucket the embeddings a local run of the same files gives."""
+    import io
+
+    import gin
+    from flax import nnx
+
+    from encdec_adapt.nn.config import load_preset
+    from encdec_adapt.nn.dual_encoder import DualEncoder, DualEncoderConfig
+    from encdec_adapt.storage import params_io
+    from tests import test_embed as te
+
+    cfg = DualEncoderConfig(tower=load_preset("gemma_tiny"))
+    params = params_io.model_params(DualEncoder(cfg, rngs=nnx.Rngs(1)))
+    text = "read a file\n\nadd two numbers\n"
+    local_towers, local_input = str(tmp_path / "towers"), tmp_path / "texts.txt"
+    params_io.save(local_towers, params, "dual_encoder", cfg.to_dict())
+    local_input.write_text(text)
+    towers = _url("embed_towers")
+    params_io.save(towers, params, "dual_encoder", cfg.to_dict())
+    from google.cloud import storage
+
+    storage.Client().bucket(BUCKET).blob("embed_in/texts.txt").upload_from_string(text)
+    try:
+        local_out = str(tmp_path / "out")
+        args = [f"INPUT_FILE={local_input}", f"OUTPUT_DIR={local_out}"]
+        assert te.run_embed(f"PARAMS_FROM={local_towers}", *args) == 0
+        args = [f"INPUT_FILE={_url('embed_in', 'texts.txt')}", f"OUTPUT_DIR={_url('embed_out')}"]
+        assert te.run_embed(f"PARAMS_FROM={towers}", *args) == 0
+    finally:
+        with gin.unlock_config():
+            gin.clear_config()
+    objs = _objects("embed_out/")
+    assert sorted(objs) == [
+        "embed_out/embeddings.jsonl",
+        "embed_out/embeddings.npy",
+        "embed_out/stats.json",
+    ], list(objs)
+    want = np.load(os.path.join(local_out, "embeddings.npy"))
+    assert want.shape[0] == 3
+    np.testing.assert_array_equal(np.load(io.BytesIO(objs["embed_out/embeddings.npy"])), want)
+    with open(os.path.join(local_out, "embeddings.jsonl"), "rb") as f:
+        assert objs["embed_out/embeddings.jsonl"] == f.read()
+    assert not os.path.exists(os.path.join(REPO, "gs:")), "a local gs: directory was created"

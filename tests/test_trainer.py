@@ -47,6 +47,56 @@ def _batches(n, seed=0, vocab=VOCAB):
     return [next(data) for _ in range(n)]
 
 
+# The equivalence tests below: SGD with momentum (an update linear in the gradient: Adam divides
+# every gradient element by its own size, so it blows float noise in near-zero elements up to
+# updates of ~1e-3 and does not see a wrong gradient scale at all), and the gradient norm of every
+# step compared too, so that a wrong normaliser shows in the metrics as well as the parameters.
+@pytest.fixture(scope="module")
+def sgd8(model):
+    return _trainer(model, name="sgd", learning_rate=0.5)
+
+
+def _run_norms(t, batches):
+    """Like _run; also returns each step's [loss, gradient norm]."""
+    state = t.init_state()
+    out = []
+    for b in batches:
+        state, m = t.train_step(state, t.shard_batch(b))
+        out.append([float(m["loss_sum"] / m["weight"]), float(m["grad_norm"])])
+    return state, np.array(out)
+
+
+# Non-uniform loss weights for the equivalence tests: row r of batch i keeps its first
+# np.roll(ROW_TOKENS, i)[r] target tokens, the rest is padding (token 0, weight 0). The groups a
+# wrong normaliser would divide by separately (the 4 data shards: rows {0, 1}, {2, 3}, ...; the
+# 4 interleaved micro-batches: rows {0, 4}, {1, 5}, ...) hold different numbers of tokens, so a
+# per-shard or per-micro-batch normaliser reweights them and changes the update (with all-ones
+# weights it only scales the gradient, which Adam does not see).
+ROW_TOKENS = np.array([16, 2, 11, 5, 16, 9, 1, 14])
+
+
+def _padded(batches):
+    out = []
+    for i, b in enumerate(batches):
+        keep = (np.arange(LENGTH)[None, :] < np.roll(ROW_TOKENS, i)[:, None]).astype(np.int32)
+        out.append(
+            {
+                "decoder_input_tokens": b["decoder_input_tokens"] * keep,
+                "decoder_target_tokens": b["decoder_target_tokens"] * keep,
+                "decoder_loss_weights": keep,
+            }
+        )
+    return out
+
+
+def _groups_differ(batches, groups):
+    """Whether the weight sums of the row groups differ in every batch (the test can fail)."""
+    return all(
+        len({int(b["decoder_loss_weights"][list(g)].sum()) for g in groups}) == len(groups)
+        for b in batches
+    )
+
+
 def _run(t, batches):
     state = t.init_state()
     losses = []
@@ -76,19 +126,24 @@ def test_state_is_sharded_by_logical_axes(adam8):
     assert mu.sharding == q.sharding
 
 
-def test_sharded_step_equals_single_device_step(model, adam8):
-    batches = _batches(3)
-    sharded, l8 = _run(adam8, batches)
-    single, l1 = _run(_trainer(model, (1, 1, 1), devices=jax.devices()[:1]), batches)
+def test_sharded_step_equals_single_device_step(model, sgd8):
+    batches = _padded(_batches(3))
+    assert _groups_differ(batches, [(0, 1), (2, 3), (4, 5), (6, 7)])  # the 4 batch shards
+    sharded, l8 = _run_norms(sgd8, batches)
+    one = _trainer(model, (1, 1, 1), devices=jax.devices()[:1], name="sgd", learning_rate=0.5)
+    single, l1 = _run_norms(one, batches)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-5)
 
 
-def test_gradient_accumulation_equals_full_batch(model, adam8):
-    batches = _batches(2)
-    full, lf = _run(adam8, batches)
-    accum, la = _run(_trainer(model, grad_accum_steps=4), batches)
+def test_gradient_accumulation_equals_full_batch(model, sgd8):
+    batches = _padded(_batches(2))
+    assert _groups_differ(batches, [(0, 4), (1, 5), (2, 6), (3, 7)])  # the 4 micro-batches
+    full, lf = _run_norms(sgd8, batches)
+    accum, la = _run_norms(
+        _trainer(model, name="sgd", learning_rate=0.5, grad_accum_steps=4), batches
+    )
     np.testing.assert_allclose(lf, la, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

@@ -8,7 +8,6 @@ and both shapes and nothing is written.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -17,6 +16,7 @@ import orbax.checkpoint as ocp
 
 from encdec_adapt.errors import CheckpointError
 from encdec_adapt.nn.config import AttentionType, GemmaConfig
+from encdec_adapt.storage import paths
 from encdec_adapt.storage.params_io import unflatten
 
 
@@ -309,10 +309,10 @@ def nest_gemma_library(tree: dict) -> dict:
 
 def read_gemma_library(path: str) -> dict:
     """The nested params tree of a gemma-library (Kaggle Flax) Orbax checkpoint directory."""
-    if not os.path.isdir(path):
+    if not paths.isdir(path):
         raise CheckpointError(f"{path} does not exist or is not a directory")
     try:
-        tree = ocp.PyTreeCheckpointer().restore(os.path.abspath(path))
+        tree = ocp.PyTreeCheckpointer().restore(paths.absolute(path))
     except Exception as e:  # orbax raises many types for a directory it cannot read
         raise CheckpointError(f"{path} is not a readable Orbax checkpoint: {e}") from e
     return nest_gemma_library(tree)

@@ -3,11 +3,16 @@
 Every iterator is deterministic given its seed and has a position (`get_state` / `set_state`, a
 small JSON-able dict) that the trainer checkpoints with the model, so a resumed run sees exactly
 the batches an uninterrupted run would have seen. Each process yields only its rows of the global
-batch (`jax.process_index()`-th slice), which `Trainer.shard_batch` assembles into global arrays.
+batch (the `jax.process_index()`-th slice), which `Trainer.shard_batch` assembles into global
+arrays.
 
-The seqio iterator restores its position by rebuilding the (seeded) tf.data pipeline and
-skipping the batches already consumed. That replays the pipeline's work, which is cheap for the
-sizes this project trains on; tf.data iterator checkpointing would avoid it and is a follow-up.
+How much of the data each process reads:
+- seqio training data (`DataConfig`, repeat=True): only its input shards, so per-host input work
+  is O(global batch / processes); its position is the tf.data iterator state, restored in
+  constant time. What does and does not depend on the process count: data/seqio_iterator.py.
+- one-pass seqio data (repeat=False: evaluation, inference) and JSONL inputs: every process reads
+  the whole stream and keeps its rows (the same number of batches everywhere).
+- synthetic data: every process computes the (cheap, numpy) global batch and keeps its rows.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import gin
 import numpy as np
 
 from encdec_adapt.data.jsonl_inputs import JsonlInputs, JsonlIterator
+from encdec_adapt.data.seqio_iterator import SeqioIterator
 from encdec_adapt.data.task_names import UnknownTaskError, check_task_name, vocabularies
 from encdec_adapt.errors import ConfigError
 from encdec_adapt.parallel.distributed import local_rows
@@ -119,6 +125,12 @@ class DataConfig:
         in-batch negatives from the same task). Needs repeat=True, and tasks that give the same
         features (e.g. all with or all without hard negatives): the train step is compiled for
         one batch structure.
+      num_shards: input shards of repeating data (data/seqio_iterator.py): the global batch is
+        num_shards pipelines' batches of batch_size / num_shards rows, each over its part of the
+        examples; a process reads only its num_shards / processes of them. None (default): one
+        per process of the run's first start. Set it to a multiple of every process count you
+        will use (dividing batch_size) to get the same batches on any of them. Ignored by
+        one-pass data (repeat=False), which every process reads whole.
     """
 
     task: str = ""
@@ -133,6 +145,7 @@ class DataConfig:
     repeat: bool = True
     use_cached: bool = False
     one_task_per_batch: bool = False
+    num_shards: int | None = None
 
     def __post_init__(self):
         if self.task is gin.REQUIRED:
@@ -157,6 +170,15 @@ class DataConfig:
             isinstance(v, int) and v > 0 for v in lengths.values()
         ):
             problems.append(f"task_feature_lengths={lengths!r} must map feature -> int > 0")
+        if self.num_shards is not None and (
+            not isinstance(self.num_shards, int)
+            or self.num_shards < 1
+            or (isinstance(self.batch_size, int) and self.batch_size % self.num_shards)
+        ):
+            problems.append(
+                f"num_shards={self.num_shards!r} must be a positive int dividing "
+                f"batch_size={self.batch_size!r}"
+            )
         if self.one_task_per_batch and not self.repeat:
             problems.append("one_task_per_batch=True needs repeat=True (tasks run out unevenly)")
         if problems:
@@ -178,101 +200,6 @@ class DataConfig:
         if self.feature_converter == "encdec_kd":
             return fc.EncDecConverter(pack=False, teacher=True, length_policy=self.length_policy)
         return fc.EncDecConverter(pack=self.pack, length_policy=self.length_policy)
-
-
-class SeqioIterator:
-    """Batches of a seqio task through a feature converter; position = batches consumed.
-
-    With `one_task_per_batch`, batch i comes from the mixture task chosen by `task_of(i)` (a pure
-    function of seed and i); each task has its own seeded pipeline, and a restored position
-    skips in each task the batches that task gave before it.
-    """
-
-    def __init__(self, cfg: DataConfig):
-        check_task_name(cfg.task)
-        self.cfg = cfg
-        self.index = 0
-        self._it = None
-        self._task_its = None
-        if cfg.one_task_per_batch:
-            self.task_names, self.task_probs = _mixture_rates(cfg.task)
-
-    def _dataset(self, name: str, seed: int):
-        import seqio  # lazy on purpose: TensorFlow (synthetic runs never import it)
-
-        cfg = self.cfg
-        lengths = dict(cfg.task_feature_lengths)
-        ds = seqio.get_mixture_or_task(name).get_dataset(
-            lengths,
-            split=cfg.split,
-            use_cached=cfg.use_cached,
-            shuffle=cfg.shuffle,
-            seed=seed,
-            num_epochs=None if cfg.repeat else 1,
-            # the project's converters count and cut over-long features themselves
-            trim_output_features=cfg.feature_converter == "prefix_lm",
-        )
-        ds = cfg.converter()(ds, task_feature_lengths=lengths)
-        # Every process batches the same global stream and keeps its rows, so the rows (and
-        # hence the losses) do not depend on the number of processes.
-        return ds.batch(cfg.batch_size, drop_remainder=cfg.repeat)
-
-    def _build(self):
-        return self._dataset(self.cfg.task, self.cfg.seed).skip(self.index).as_numpy_iterator()
-
-    def task_of(self, index: int) -> int:
-        """Which mixture task gives batch `index` (one_task_per_batch)."""
-        rng = np.random.default_rng([self.cfg.seed, 0x7A5C, index])
-        return int(rng.choice(len(self.task_probs), p=self.task_probs))
-
-    def _build_per_task(self):
-        done = np.zeros(len(self.task_names), np.int64)
-        for i in range(self.index):
-            done[self.task_of(i)] += 1
-        return [
-            self._dataset(name, self.cfg.seed + k).skip(int(done[k])).as_numpy_iterator()
-            for k, name in enumerate(self.task_names)
-        ]
-
-    def __iter__(self) -> Iterator[Batch]:
-        return self
-
-    def __next__(self) -> Batch:
-        if self.cfg.one_task_per_batch:
-            if self._task_its is None:
-                self._task_its = self._build_per_task()
-            batch = next(self._task_its[self.task_of(self.index)])
-        else:
-            if self._it is None:
-                self._it = self._build()
-            batch = next(self._it)
-        self.index += 1
-        rows = local_rows(self.cfg.batch_size)
-        return {k: np.asarray(v)[rows].astype(np.int32) for k, v in batch.items()}
-
-    def get_state(self) -> dict:
-        return {"index": self.index}
-
-    def set_state(self, state: dict) -> None:
-        self.index = int(state["index"])
-        self._it = None
-        self._task_its = None
-
-
-def _mixture_rates(name: str) -> tuple[list[str], np.ndarray]:
-    """(task names, sampling probabilities) of a mixture; a task name is an error."""
-    import seqio  # lazy on purpose: TensorFlow (synthetic runs never import it)
-
-    provider = seqio.get_mixture_or_task(name)
-    if not isinstance(provider, seqio.Mixture):
-        raise ConfigError(
-            f"Invalid DataConfig: one_task_per_batch=True needs a mixture; {name!r} is a task"
-        )
-    tasks = provider.tasks
-    rates = np.asarray([float(provider.get_rate(t)) for t in tasks])
-    if not np.all(rates >= 0) or rates.sum() <= 0:
-        raise ConfigError(f"mixture {name!r} has rates {rates.tolist()}: need >= 0, not all 0")
-    return [t.name for t in tasks], rates / rates.sum()
 
 
 @gin.configurable(module="encdec_adapt")

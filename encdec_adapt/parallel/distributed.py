@@ -1,8 +1,10 @@
 """Multi-process start-up: `jax.distributed.initialize` from flags or the environment.
 
 On a TPU pod or a multi-GPU cluster each host runs the same command; JAX then sees every device
-of the job (`jax.devices()`) and each process feeds its rows of the global batch
-(`input_pipeline`). On one machine, several CPU processes talk through gloo collectives, which
+of the job (`jax.devices()`) and each process feeds its rows of the global batch: it reads only
+its input shards (`local_shards`, data/seqio_iterator.py) and the trainer assembles the rows of
+all processes into global arrays. `allgather_bytes` collects each process's data position for
+the checkpoint. On one machine, several CPU processes talk through gloo collectives, which
 exercises the same code path (tests/test_multiprocess.py).
 
 Sources, first found wins: explicit arguments (CLI flags), then the environment variables
@@ -16,6 +18,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 
 from encdec_adapt.errors import ConfigError
 
@@ -70,11 +73,51 @@ def initialize(
     return True
 
 
-def local_rows(batch_size: int) -> slice:
-    """This process's rows of a global batch of `batch_size` rows (the `process_index()`-th of
-    `process_count()` equal slices); raises ConfigError when they do not divide it."""
-    n, i = jax.process_count(), jax.process_index()
+def local_rows(batch_size: int, index: int | None = None, count: int | None = None) -> slice:
+    """This process's rows of a global batch of `batch_size` rows (the `index`-th of `count`
+    equal slices; JAX's process index and count unless given); raises ConfigError when they do
+    not divide it."""
+    i, n = process_layout(index, count)
     if batch_size % n:
         raise ConfigError(f"global batch size {batch_size} is not divisible by {n} processes")
     per = batch_size // n
     return slice(i * per, (i + 1) * per)
+
+
+def process_layout(index: int | None = None, count: int | None = None) -> tuple[int, int]:
+    """(this process's index, number of processes): JAX's, unless given (tests simulate a
+    process of a larger job by passing both)."""
+    if (index is None) != (count is None):
+        raise ValueError("pass both process_index and process_count, or neither")
+    if index is None:
+        return jax.process_index(), jax.process_count()
+    if not 0 <= index < count:
+        raise ValueError(f"process_index {index} is not in [0, {count})")
+    return index, count
+
+
+def local_shards(num_shards: int, index: int, count: int) -> range:
+    """The input shards process `index` of `count` reads: the `index`-th of `count` equal
+    contiguous runs of `range(num_shards)`, so that its rows of the global batch (shard k's rows
+    follow shard k-1's) are its `local_rows`. ConfigError when `count` does not divide it."""
+    if num_shards % count:
+        raise ConfigError(
+            f"{num_shards} input shards cannot be split evenly over {count} processes"
+        )
+    per = num_shards // count
+    return range(index * per, (index + 1) * per)
+
+
+def allgather_bytes(data: bytes) -> list[bytes]:
+    """Every process's `data`, in process order, on every process (a collective: all processes
+    must call it at the same point). One process: [data]."""
+    if jax.process_count() == 1:
+        return [data]
+    from jax.experimental import multihost_utils  # lazy on purpose: only multi-process runs
+
+    sizes = multihost_utils.process_allgather(np.asarray([len(data)], np.int64))
+    sizes = np.asarray(sizes).reshape(-1)
+    padded = np.zeros(max(1, int(sizes.max())), np.uint8)
+    padded[: len(data)] = np.frombuffer(data, np.uint8)
+    rows = np.asarray(multihost_utils.process_allgather(padded)).reshape(len(sizes), -1)
+    return [rows[i, : int(n)].tobytes() for i, n in enumerate(sizes)]

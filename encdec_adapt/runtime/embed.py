@@ -46,7 +46,7 @@ from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import checkpoints, entrypoints, optim
 from encdec_adapt.runtime.trainer import Trainer
-from encdec_adapt.storage import outputs, params_io
+from encdec_adapt.storage import outputs, params_io, paths
 
 SIDES = ("query", "document")
 METRIC_TITLES = {
@@ -69,7 +69,7 @@ def read_texts(path: str, text_key: str = "text", id_key: str | None = None):
     a JSONL file are not records and are skipped. Errors name the file and line
     (`jsonl_inputs.read_jsonl`).
     """
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
         raise MissingFileError(f"embed: input file {path!r} does not exist")
     if not path.endswith((".jsonl", ".json")):
         lines = [text for _, text in text_lines(path)]
@@ -359,7 +359,7 @@ def embed(
     encoder = TextEncoder(
         module, vocab, max_length=max_length, batch_size=batch_size, text_transform=transform
     )
-    os.makedirs(outputs.absolute(output_dir), exist_ok=True)
+    paths.makedirs(outputs.absolute(output_dir))
     opts = dict(normalize=normalize, truncate_dim=truncate_dim, progress=progress)
 
     if input_file is not None:

@@ -12,7 +12,6 @@ updates parameters and optimizer state in place.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -27,7 +26,7 @@ from encdec_adapt.errors import ConfigError
 from encdec_adapt.models.base import BaseModel
 from encdec_adapt.parallel import sharding
 from encdec_adapt.runtime import optim
-from encdec_adapt.storage import params_io
+from encdec_adapt.storage import params_io, paths
 
 PyTree = Any
 
@@ -186,7 +185,7 @@ class Trainer:
             target, fresh = target[subtree], fresh[subtree]
             model = self.model.submodel(subtree)
         source_type = None
-        if os.path.exists(os.path.join(path, params_io.MODEL_JSON)):
+        if paths.exists(paths.join(path, params_io.MODEL_JSON)):
             source_type, _ = params_io.read_model_json(path)
         converted = None
         if source_type is not None and source_type != model.model_type:
