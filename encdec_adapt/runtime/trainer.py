@@ -247,34 +247,22 @@ class Trainer:
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro))
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-
-        def update():
-            updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, updates
-
         # Nothing non-finite may reach the state (and so a checkpoint): a step whose loss,
         # gradient norm, update norm or new parameter norm is not finite keeps the old
         # parameters and optimizer state (optax.apply_if_finite's rule) and counts itself in
         # `skipped`; the loop stops the run when the count passes its limit. The norms are float32
         # sums of squares, so values beyond ~1e19 count as overflow too: a huge but finite update
         # (a learning rate of 1e30) would otherwise be saved and make every later step NaN.
-        # The check reads an update computed only for it (XLA fuses it into the reduction) and
-        # the kept update is computed again inside `lax.cond`: selecting between a finished new
-        # state and the old one held both at once, three more copies of the parameters' size
-        # (6.3 GiB of temporaries for t5gemma_270m_270m with AdamW). One sum of squares over the
-        # update and the new parameters is finite exactly when both norms are (up to overflow
-        # near 1.8e19), and a second reduction would make XLA write the update out.
-        new_params, _, updates = update()
-        squares = jax.tree.map(lambda u, p: jnp.sum(u * u + p * p), updates, new_params)
         finite = (
             jnp.isfinite(metrics["loss_sum"])
             & jnp.isfinite(grad_norm)
-            & jnp.isfinite(sum(jax.tree.leaves(squares)))
+            & jnp.isfinite(optax.global_norm(updates))
+            & jnp.isfinite(optax.global_norm(params))
         )
-        params, opt_state = jax.lax.cond(
-            finite, lambda: update()[:2], lambda: (state.params, state.opt_state)
-        )
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
         skipped = jnp.where(finite, 0, state.skipped + 1).astype(jnp.int32)
         metrics = dict(
             metrics,
@@ -284,8 +272,8 @@ class Trainer:
         )
         new_state = TrainState(
             state.step + 1,
-            params,
-            opt_state,
+            keep(params, state.params),
+            keep(opt_state, state.opt_state),
             state.rng,
             skipped,
         )
