@@ -17,6 +17,7 @@ def _run(cmd, timeout=600, env=None):
     return out.stdout
 
 
+@pytest.mark.slow  # 86 s on 2 cores: the default suite's budget
 def test_bench_accelerator_tiny_on_cpu():
     env = dict(os.environ, PYTHON=sys.executable, JAX_PLATFORMS="cpu")
     out = _run(["bash", "scripts/bench_accelerator.sh", "--tiny"], env=env)

@@ -321,30 +321,10 @@ def test_eval_and_infer_read_the_run_on_gcs_and_write_into_it(gcs_run, tmp_path)
     """Acceptance: `eval` and `infer` restore the run's parameters from gs:// and write their
     outputs into the bucket (the eval row into MODEL_DIR/metrics.jsonl, the scores to a gs://
     OUTPUT), with the numbers of a numpy forward pass of the checkpoint (rtol 1e-5)."""
-    import tiny_seqio_task
-
-    from encdec_adapt.data import input_pipeline
     from tests import test_train_resume as tr
 
     url, _ = gcs_run
-    task_gin = tmp_path / "task.gin"
-    task_gin.write_text("import tiny_seqio_task\n")
-    common = [
-        *tr.TINY,
-        f"--gin_file={task_gin}",
-        f"--gin.MODEL_DIR={url}",
-        "--gin.TARGET_LENGTH=16",
-    ]
-    data = input_pipeline.DataConfig(
-        task=tiny_seqio_task.TASK,
-        split="validation",
-        batch_size=8,
-        task_feature_lengths={"targets": 16},
-        shuffle=False,
-        repeat=False,
-    )
-    it = input_pipeline.make_iterator(data)
-    expected = tr._reference_scores(url, [next(it) for _ in range(2)])
+    common, expected = tr.eval_inputs(url, tmp_path)
     total_ll = sum(ll for ll, _ in expected)
     total_tokens = sum(n for _, n in expected)
 

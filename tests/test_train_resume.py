@@ -269,6 +269,7 @@ def _truncated_run(reference, model_dir, keep_to):
         shutil.rmtree(os.path.join(model_dir, "checkpoints", str(step)))
 
 
+@pytest.mark.slow  # two child runs (55 s); the storage-level refusal tests stay fast
 def test_changed_model_is_refused_then_the_original_resumes(reference, tmp_path):
     model_dir = str(tmp_path / "run")
     _truncated_run(reference, model_dir, keep_to=6)
@@ -396,6 +397,7 @@ def test_readers_polling_a_live_run_do_not_disturb_it(reference, tmp_path):
     assert not os.path.exists(os.path.join(model_dir, "lock.json"))
 
 
+@pytest.mark.slow  # child runs (45 s); the lock itself: test_gcs / storage tests
 def test_a_second_trainer_is_refused_and_a_stale_lock_taken_over(reference, tmp_path):
     import json
 
@@ -465,14 +467,11 @@ def _reference_scores(model_dir, batches):
     return out
 
 
-def test_eval_and_infer_reproduce_the_trained_parameters(reference, tmp_path, capsys):
-    """`eval` / `infer` restore only the params, here onto 8 devices (trained on 2), and give
-    the trained parameters' numbers: the loss and every row's log-likelihood equal a numpy
-    computation from the checkpoint (float32 sums in another order: rtol 1e-5)."""
-    import gin
+def eval_inputs(model_dir: str, tmp_path) -> tuple[list[str], list]:
+    """The flags of `eval` / `infer` on the tiny seqio task for the run in `model_dir`, and the
+    numpy (log-likelihood, tokens) of every row of its first 2 validation batches."""
     import tiny_seqio_task
 
-    from encdec_adapt.cli import main
     from encdec_adapt.data import input_pipeline
 
     task_gin = tmp_path / "task.gin"
@@ -480,7 +479,7 @@ def test_eval_and_infer_reproduce_the_trained_parameters(reference, tmp_path, ca
     common = [
         *TINY,
         f"--gin_file={task_gin}",
-        f"--gin.MODEL_DIR={reference}",
+        f"--gin.MODEL_DIR={model_dir}",
         "--gin.TARGET_LENGTH=16",
     ]
     data = input_pipeline.DataConfig(
@@ -492,8 +491,18 @@ def test_eval_and_infer_reproduce_the_trained_parameters(reference, tmp_path, ca
         repeat=False,
     )
     it = input_pipeline.make_iterator(data)
-    batches = [next(it) for _ in range(2)]
-    expected = _reference_scores(reference, batches)
+    return common, _reference_scores(model_dir, [next(it) for _ in range(2)])
+
+
+def test_eval_and_infer_reproduce_the_trained_parameters(reference, tmp_path, capsys):
+    """`eval` / `infer` restore only the params, here onto 8 devices (trained on 2), and give
+    the trained parameters' numbers: the loss and every row's log-likelihood equal a numpy
+    computation from the checkpoint (float32 sums in another order: rtol 1e-5)."""
+    import gin
+
+    from encdec_adapt.cli import main
+
+    common, expected = eval_inputs(reference, tmp_path)
     gin.clear_config()
     try:
         code = main.main(
