@@ -88,23 +88,9 @@ def train_part(args, cfg: EncoderDecoderConfig) -> None:
     for length in sorted(args.lengths, reverse=True):
         spec = {k: jax.ShapeDtypeStruct((args.batch, length), jnp.int32) for k in names}
         spec["decoder_loss_weights"] = spec[names[0]]
-        shardings = {k: t.batch_sharding(v.shape) for k, v in spec.items()}
-        step = jax.jit(
-            t._step,
-            in_shardings=(t.state_shardings, shardings),
-            out_shardings=(t.state_shardings, t.replicated),
-            donate_argnums=(0,),
-        )
         t0 = time.perf_counter()
-        with sharding.use_mesh(t.mesh, t.rules):
-            compiled = step.lower(t.abstract_state(), spec).compile()
-        mem = compiled.memory_analysis()
-        need = (
-            mem.argument_size_in_bytes
-            + mem.temp_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
+        compiled = t.compile_step(t.abstract_state(), spec)
+        need = compiled.memory()["peak"]
         fits = limit is None or need < 0.9 * limit
         print(
             f"train: L={length} needs {need / GIB:.1f} GiB"

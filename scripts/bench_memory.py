@@ -6,9 +6,10 @@
 For each preset, length (tokens per side: encoder inputs = decoder targets = L), remat policy and
 path, builds the project's `runtime.trainer.Trainer` step (EncoderDecoderModel loss + grad +
 AdamW update, donated state) from abstract shapes only (`jax.eval_shape`), lowers and compiles it
-(`jax.jit(...).lower(...).compile()`, nothing is allocated) and prints XLA's
-`memory_analysis()`: temporaries (the activation / workspace memory the paths differ in) and
-arguments (parameters + optimizer state + batch). Paths:
+(`Trainer.compile_step`, nothing is allocated) and prints what XLA's `memory_analysis()` of its
+executables adds up to (`CompiledStep.memory`): temporaries (the most the step holds beyond its
+inputs at once: activations, workspace, gradients) and arguments (parameters + optimizer state +
+batch). Paths:
   xla   today's materialising path: attention_impl "xla", loss_chunk_tokens 0
   auto  the defaults: attention_impl "auto" (blockwise above 1024 x 1024 logits), loss
         chunked when B * T * V > 2**28
@@ -54,13 +55,6 @@ def compiled_memory(
     names = ("encoder_input_tokens", "decoder_input_tokens", "decoder_target_tokens")
     spec = {k: jax.ShapeDtypeStruct((batch, length), jnp.int32) for k in names}
     spec["decoder_loss_weights"] = jax.ShapeDtypeStruct((batch, length), jnp.int32)
-    batch_sh = {k: t.batch_sharding(v.shape) for k, v in spec.items()}
-    step = jax.jit(
-        t._step,
-        in_shardings=(t.state_shardings, batch_sh),
-        out_shardings=(t.state_shardings, t.replicated),
-        donate_argnums=(0,),
-    )
     old = os.environ.get(blockwise.ENV_VAR)
     if path == "xla":
         os.environ[blockwise.ENV_VAR] = "xla"
@@ -68,18 +62,17 @@ def compiled_memory(
         os.environ.pop(blockwise.ENV_VAR, None)
     try:
         start = time.perf_counter()
-        with sharding.use_mesh(mesh, rules):
-            compiled = step.lower(state, spec).compile()
+        compiled = t.compile_step(state, spec)
         seconds = time.perf_counter() - start
     finally:
         if old is None:
             os.environ.pop(blockwise.ENV_VAR, None)
         else:
             os.environ[blockwise.ENV_VAR] = old
-    mem = compiled.memory_analysis()
+    mem = compiled.memory()
     return {
-        "temp": mem.temp_size_in_bytes / GIB,
-        "args": mem.argument_size_in_bytes / GIB,
+        "temp": mem["temporaries"] / GIB,
+        "args": mem["state_and_batch"] / GIB,
         "seconds": seconds,
     }
 

@@ -117,18 +117,8 @@ def setup_jax(cfg: EncoderDecoderConfig, batch: dict) -> bench_ab.Side:
     )
     holder = {"state": t.init_state()}
     global_batch = t.shard_batch(batch)
-    with sharding.use_mesh(t.mesh, t.rules):
-        step = jax.jit(
-            t._step,
-            in_shardings=(
-                t.state_shardings,
-                {k: t.batch_sharding(v.shape) for k, v in batch.items()},
-            ),
-            out_shardings=(t.state_shardings, t.replicated),
-            donate_argnums=(0,),
-        )
-        compiled = step.lower(holder["state"], global_batch).compile()
-    mem = compiled.memory_analysis()
+    compiled = t.compile_step(holder["state"], global_batch)
+    mem = compiled.memory()
 
     def run():
         holder["state"], metrics = compiled(holder["state"], global_batch)
@@ -136,14 +126,8 @@ def setup_jax(cfg: EncoderDecoderConfig, batch: dict) -> bench_ab.Side:
         return float(metrics["loss_sum"]) / float(metrics["weight"])
 
     info = {
-        "memory_analysis_GiB": (
-            mem.temp_size_in_bytes
-            + mem.argument_size_in_bytes
-            + mem.output_size_in_bytes
-            - mem.alias_size_in_bytes
-        )
-        / GIB,
-        "temporaries_GiB": mem.temp_size_in_bytes / GIB,
+        "memory_analysis_GiB": mem["peak"] / GIB,
+        "temporaries_GiB": mem["temporaries"] / GIB,
         "matmul_peak_flops": matmul_peak_jax(256 if small else 2048),
     }
     return bench_ab.Side(run, info)

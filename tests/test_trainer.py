@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from encdec_adapt.data import input_pipeline
@@ -147,6 +148,79 @@ def test_gradient_accumulation_equals_full_batch(model, sgd8):
     np.testing.assert_allclose(lf, la, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(accum.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def _host(tree):
+    return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _optax_step(t, state, batch):
+    """The reference update: jax.grad of the model's loss, then optax as its docs use it."""
+    batch = {k: jax.numpy.asarray(v) for k, v in batch.items()}
+    normalizer = jax.numpy.maximum(t.model.loss_weight(batch), 1.0)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+    grads = jax.grad(lambda p: t.model.loss_fn(t.module(p), batch, rng, normalizer)[0])(
+        state.params
+    )
+    updates, opt_state = t.tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+
+@pytest.mark.parametrize(
+    "opt",
+    [
+        {"name": "adamw", "weight_decay": 0.1},
+        {"name": "adafactor", "clip_norm": 0.5},
+        {"name": "sgd", "freeze": ("^embedder/",)},
+    ],
+    ids=["adamw", "adafactor_clip", "sgd_momentum_freeze"],
+)
+def test_step_applies_the_optax_update_and_skips_a_non_finite_one(model, opt):
+    """The step's three executables (gradients + verdict, parameters, optimizer state) give
+    optax's update of an unguarded single function; a non-finite update leaves parameters and
+    optimizer state bit-identical and counts the skip."""
+    one = (1, 1, 1), jax.devices()[:1]
+    t = _trainer(model, *one, **opt)
+    batch = _padded(_batches(2))
+    state = t.init_state()
+    for b in batch:  # the second step sees non-zero moments
+        before = _host(state)
+        want_params, want_opt = _host(jax.jit(lambda s, b=b: _optax_step(t, s, b))(state))
+        state, m = t.train_step(state, t.shard_batch(b))
+        for got, want in ((state.params, want_params), (state.opt_state, want_opt)):
+            for a, w in zip(jax.tree.leaves(_host(got)), jax.tree.leaves(want)):
+                np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-7)
+        assert int(state.step) == int(before.step) + 1 and int(m["skipped_updates"]) == 0
+    huge = _trainer(model, *one, **{**opt, "learning_rate": 1e30})
+    before = _host(state)
+    state, m = huge.train_step(state, huge.shard_batch(batch[0]))
+    assert int(m["skipped_updates"]) == 1 and int(state.skipped) == 1
+    for got, old in ((state.params, before.params), (state.opt_state, before.opt_state)):
+        for a, w in zip(jax.tree.leaves(_host(got)), jax.tree.leaves(old)):
+            np.testing.assert_array_equal(a, w)
+
+
+def test_the_update_overwrites_the_state_in_place(model):
+    """Deciding to apply or skip before the update is computed lets XLA write the new
+    parameters and AdamW moments over the donated ones: the apply executables need no scratch
+    (a guard deciding from the new values held them beside the old ones, issue 20)."""
+    t = _trainer(model, (1, 1, 1), jax.devices()[:1], name="adamw")
+    spec = {
+        k: jax.ShapeDtypeStruct((BATCH, LENGTH), jax.numpy.int32)
+        for k in ("decoder_input_tokens", "decoder_target_tokens", "decoder_loss_weights")
+    }
+    step = t.compile_step(t.abstract_state(), spec)
+    largest = max(x.size * x.dtype.itemsize for x in jax.tree.leaves(t.abstract_state().params))
+    for part in step.apply:
+        m = part.memory_analysis()
+        assert m.temp_size_in_bytes < largest, m
+        assert m.output_size_in_bytes - m.alias_size_in_bytes < m.output_size_in_bytes / 100, m
+    mem = step.memory()
+    grads = step.gradients.memory_analysis().output_size_in_bytes
+    assert grads >= sum(x.size * 4 for x in jax.tree.leaves(t.abstract_state().params))
+    assert (
+        mem["temporaries"] >= grads and mem["peak"] == mem["state_and_batch"] + mem["temporaries"]
+    )
 
 
 def test_same_seed_same_bits_and_dropout_changes_with_step():

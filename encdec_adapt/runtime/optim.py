@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import Literal
 
 from encdec_adapt.errors import ConfigError
 
@@ -247,3 +248,20 @@ def make_optimizer(cfg: OptimizerConfig, params: Any) -> optax.GradientTransform
             f"train_only={cfg.train_only})"
         )
     return freeze(inner, mask, until_step=cfg.unfreeze_at_step)
+
+
+def state_reads_params(tx: optax.GradientTransformation, params: Any) -> bool:
+    """Whether `tx`'s new state depends on the parameters' values (not only their shapes).
+
+    Adam's and SGD's moments do not; Adafactor's momentum accumulates updates scaled by the
+    parameters' size, so it does. Read from the traced update: the equations the new state
+    needs, followed back to the inputs (nested calls count as reading all their inputs)."""
+    opt_state = jax.eval_shape(tx.init, params)
+    closed = jax.make_jaxpr(lambda p, o, g: tx.update(g, o, p)[1])(params, opt_state, params)
+    jaxpr = closed.jaxpr
+    needed = {v for v in jaxpr.outvars if not isinstance(v, Literal)}
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in needed for v in eqn.outvars):
+            needed.update(v for v in eqn.invars if not isinstance(v, Literal))
+    n = len(jax.tree.leaves(params))
+    return any(v in needed for v in jaxpr.invars[:n])

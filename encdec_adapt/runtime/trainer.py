@@ -5,13 +5,15 @@ global jax.Arrays laid out on a device mesh by the logical-axis rules of `shardi
 network's structure (the nnx GraphDef) is static and closed over; parameters travel as the nested
 dict of `nnx.to_pure_dict`, which is also what checkpoints store.
 
-`train_step` is a single `jax.jit` with explicit in/out shardings and the state donated, so XLA
-updates parameters and optimizer state in place.
+`train_step` runs a few jits with explicit in/out shardings one after the other
+(`CompiledStep`): the gradients, the verdict on their update, then the update with the state
+donated, so XLA overwrites parameters and optimizer state in place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -58,6 +60,45 @@ def _split_micro(x: jax.Array, n: int) -> jax.Array:
     if x.shape[0] % n:
         raise ConfigError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={n}")
     return jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1)
+
+
+class CompiledStep:
+    """A compiled train step: `step(state, batch) -> (new state, metric sums)`, `state` donated.
+
+    Executables run one after the other (`Trainer.compile_step`): the gradients, the verdict
+    on their update, then the update applied or skipped on that verdict, writing over the
+    donated state. `memory()` combines their footprints."""
+
+    def __init__(self, mesh, rules, inputs_bytes: int, gradients, verdict, apply):
+        self.mesh, self.rules, self.inputs_bytes = mesh, rules, inputs_bytes
+        self.gradients, self.verdict, self.apply = gradients, verdict, apply
+
+    def __call__(self, state: TrainState, batch: dict[str, jax.Array]):
+        with sharding.use_mesh(self.mesh, self.rules):
+            grads, metrics, ok = self.gradients(state, batch)
+            finite = self.verdict(state, grads, ok)
+            for part in self.apply:
+                state, more = part(state, grads, finite)
+                metrics.update(more)
+        return state, metrics
+
+    def memory(self) -> dict[str, int]:
+        """Bytes from XLA's compiled memory analysis: `state_and_batch` (the step's inputs),
+        `temporaries` (the most held beyond them at once: the gradient part's scratch and
+        outputs, or the gradients plus a later part's scratch and new outputs) and `peak`."""
+        g = self.gradients.memory_analysis()
+        grads = g.output_size_in_bytes
+        held = [g.temp_size_in_bytes + grads]
+        for part in (self.verdict, *self.apply):
+            m = part.memory_analysis()
+            held.append(
+                grads + m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+            )
+        return {
+            "state_and_batch": self.inputs_bytes,
+            "temporaries": max(held),
+            "peak": self.inputs_bytes + max(held),
+        }
 
 
 class Trainer:
@@ -228,7 +269,9 @@ class Trainer:
         (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(params)
         return grads, metrics
 
-    def _step(self, state: TrainState, batch: dict[str, jax.Array]):
+    def _gradients(self, state: TrainState, batch: dict[str, jax.Array]):
+        """Part 1 of a step: (state, batch) -> (gradients, metric sums, whether the loss and the
+        gradient norm are finite)."""
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         normalizer = jnp.maximum(self.model.loss_weight(batch), 1.0)
         n = self.opt_cfg.grad_accum_steps
@@ -247,51 +290,100 @@ class Trainer:
             )
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), zeros)
             (grads, metrics), _ = jax.lax.scan(body, zeros, (jnp.arange(n), micro))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         grad_norm = optax.global_norm(grads)
-        # Nothing non-finite may reach the state (and so a checkpoint): a step whose loss,
-        # gradient norm, update norm or new parameter norm is not finite keeps the old
-        # parameters and optimizer state (optax.apply_if_finite's rule) and counts itself in
-        # `skipped`; the loop stops the run when the count passes its limit. The norms are float32
-        # sums of squares, so values beyond ~1e19 count as overflow too: a huge but finite update
-        # (a learning rate of 1e30) would otherwise be saved and make every later step NaN.
-        finite = (
-            jnp.isfinite(metrics["loss_sum"])
-            & jnp.isfinite(grad_norm)
+        ok = jnp.isfinite(metrics["loss_sum"]) & jnp.isfinite(grad_norm)
+        return grads, dict(metrics, grad_norm=grad_norm), ok
+
+    def _verdict(self, state: TrainState, grads: PyTree, ok: jax.Array) -> jax.Array:
+        """Part 2: whether the update may be applied (optax.apply_if_finite's rule, and more).
+
+        The update is computed here only to be measured; the apply parts compute it again,
+        knowing the verdict, so XLA can write it over the donated state. Deciding from the new
+        values in the jit that writes them kept the whole new state beside the old one (3.4 GiB
+        of t5gemma_270m_270m); measuring in the gradient part added a copy of the update to the
+        activations' peak. The norms are float32 sums of squares, so values beyond ~1e19 count
+        as overflow too: a huge but finite update (a learning rate of 1e30) would otherwise be
+        saved and make every later step NaN."""
+        updates, _ = self.tx.update(grads, state.opt_state, state.params)
+        new_params = optax.apply_updates(state.params, updates)
+        return (
+            ok
             & jnp.isfinite(optax.global_norm(updates))
-            & jnp.isfinite(optax.global_norm(params))
+            & jnp.isfinite(optax.global_norm(new_params))
         )
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    def _keep(self, finite: jax.Array, new: PyTree, old: PyTree) -> PyTree:
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+    def _apply(self, state: TrainState, grads: PyTree, finite: jax.Array, parts=("params", "opt")):
+        """Part 3: the new parameters and / or optimizer state where `finite`, else the old ones
+        (nothing non-finite reaches a checkpoint). With "opt": the step and the count of skipped
+        updates in a row too (the loop stops the run when it passes its limit)."""
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        if "params" in parts:
+            params = optax.apply_updates(state.params, updates)
+            state = state._replace(params=self._keep(finite, params, state.params))
+        if "opt" not in parts:
+            return state, {}
         skipped = jnp.where(finite, 0, state.skipped + 1).astype(jnp.int32)
-        metrics = dict(
-            metrics,
-            grad_norm=grad_norm,
-            learning_rate=jnp.asarray(self.schedule(state.step), jnp.float32),
-            skipped_updates=skipped,
+        new_state = state._replace(
+            step=state.step + 1,
+            opt_state=self._keep(finite, opt_state, state.opt_state),
+            skipped=skipped,
         )
-        new_state = TrainState(
-            state.step + 1,
-            keep(params, state.params),
-            keep(opt_state, state.opt_state),
-            state.rng,
-            skipped,
-        )
+        metrics = {
+            "learning_rate": jnp.asarray(self.schedule(state.step), jnp.float32),
+            "skipped_updates": skipped,
+        }
         return new_state, metrics
+
+    def compile_step(self, state: TrainState, batch: dict[str, Any]) -> CompiledStep:
+        """The train step compiled for `state`'s and `batch`'s shapes (arrays or
+        ShapeDtypeStructs; the batch global): what `train_step` runs, and what the benchmarks
+        time and measure.
+
+        The update is applied in two executables, parameters first (they read the old optimizer
+        state), then the optimizer state given the new parameters, so that neither reads a
+        buffer the other overwrites and XLA needs no defensive copies of the state. Where the
+        optimizer's state depends on parameter values (Adafactor's momentum of parameter-scaled
+        updates) one executable applies both."""
+        batch_sh = {k: self.batch_sharding(v.shape) for k, v in batch.items()}
+        params_sh, rep = self.state_shardings.params, self.replicated
+        gradients = jax.jit(
+            self._gradients,
+            in_shardings=(self.state_shardings, batch_sh),
+            out_shardings=(params_sh, rep, rep),
+        )
+        verdict = jax.jit(
+            self._verdict, in_shardings=(self.state_shardings, params_sh, rep), out_shardings=rep
+        )
+        split = not optim.state_reads_params(self.tx, self.abstract_params)
+        apply = [
+            jax.jit(
+                functools.partial(self._apply, parts=parts),
+                in_shardings=(self.state_shardings, params_sh, rep),
+                out_shardings=(self.state_shardings, rep),
+                donate_argnums=(0,),
+            )
+            for parts in ((("params",), ("opt",)) if split else (("params", "opt"),))
+        ]
+        with sharding.use_mesh(self.mesh, self.rules):
+            grads, _, ok = jax.eval_shape(self._gradients, state, batch)
+            return CompiledStep(
+                self.mesh,
+                self.rules,
+                sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state, batch))),
+                gradients.lower(state, batch).compile(),
+                verdict.lower(state, grads, ok).compile(),
+                [f.lower(state, grads, ok).compile() for f in apply],
+            )
 
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         """One optimizer step: (state, global batch) -> (new state, metric sums). `state` is
         donated: do not use it afterwards."""
         if self._train_step is None:
-            batch_sh = {k: self.batch_sharding(v.shape) for k, v in batch.items()}
-            self._train_step = jax.jit(
-                self._step,
-                in_shardings=(self.state_shardings, batch_sh),
-                out_shardings=(self.state_shardings, self.replicated),
-                donate_argnums=(0,),
-            )
-        with sharding.use_mesh(self.mesh, self.rules):
-            return self._train_step(state, batch)
+            self._train_step = self.compile_step(state, batch)
+        return self._train_step(state, batch)
 
     def eval_step(self, params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Metric sums of one global batch (no dropout)."""
