@@ -58,8 +58,9 @@ def kind(name: str) -> str:
     return "other"
 
 
-def op_times(trace_dir: str) -> dict[str, float]:
-    """{op name: summed seconds} of the thunks in the trace."""
+def op_times(trace_dir: str, instances: bool = False) -> dict[str, float]:
+    """{op name: summed seconds} of the thunks in the trace (`instances`: per HLO instruction,
+    `dot.12` apart from `dot.3`)."""
     path = sorted(
         glob.glob(os.path.join(trace_dir, "**", "perfetto_trace.json.gz"), recursive=True)
     )
@@ -70,7 +71,8 @@ def op_times(trace_dir: str) -> dict[str, float]:
     for e in events:
         if e.get("ph") != "X" or RUNTIME.match(e.get("name", "")):
             continue
-        per_op[re.sub(r"\.\d+$", "", e["name"])] += e.get("dur", 0) / 1e6
+        name = e["name"] if instances else re.sub(r"\.\d+$", "", e["name"])
+        per_op[name] += e.get("dur", 0) / 1e6
     return dict(per_op)
 
 
@@ -83,6 +85,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--hlo_dir", default=None, help="also write each executable's optimized HLO")
+    p.add_argument(
+        "--instances", type=int, default=0, help="also list the N slowest HLO instructions"
+    )
     args = p.parse_args(argv)
     if args.small:
         args.inputs, args.targets = min(args.inputs, 64), min(args.targets, 16)
@@ -107,6 +112,7 @@ def main(argv=None) -> int:
             os.makedirs(args.hlo_dir, exist_ok=True)
             with open(os.path.join(args.hlo_dir, f"{name}.hlo.txt"), "w") as f:
                 f.write(exe.as_text())
+    hlo = "\n".join(exe.as_text() for exe in parts.values())
     state, m = step(state, batch)  # warm-up
     jax.block_until_ready(m)
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,6 +123,7 @@ def main(argv=None) -> int:
                 jax.block_until_ready(m)
         wall = (time.perf_counter() - t0) / args.steps
         per_op = op_times(tmp)
+        per_instance = op_times(tmp, instances=True) if args.instances else {}
     total = sum(per_op.values()) / args.steps
     print(
         f"{args.steps} step(s): wall {wall:.3f} s per step, thunks {total:.3f} s per step "
@@ -133,7 +140,19 @@ def main(argv=None) -> int:
     print("|---|---:|---:|")
     for name, sec in sorted(per_op.items(), key=lambda kv: -kv[1])[: args.top]:
         print(f"| {name} | {sec / args.steps:.3f} | {sec / args.steps / total:.1%} |")
+    if per_instance:
+        print(f"\n| instruction (top {args.instances}) | s per step | shape and source |")
+        print("|---|---:|---|")
+        top = sorted(per_instance.items(), key=lambda kv: -kv[1])[: args.instances]
+        for name, sec in top:
+            print(f"| {name} | {sec / args.steps:.3f} | {describe(hlo, name)} |")
     return 0
+
+
+def describe(hlo: str, name: str) -> str:
+    """The result shape and the JAX op that made an HLO instruction, from the HLO text."""
+    m = re.search(rf"%{re.escape(name)} = (\S+) .*?op_name=\"([^\"]*)\"", hlo)
+    return f"{m.group(1)} {m.group(2)}" if m else "?"
 
 
 if __name__ == "__main__":

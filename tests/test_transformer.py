@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from encdec_adapt.nn import layers
 from encdec_adapt.nn.config import load_preset
 from encdec_adapt.nn.transformer import DecoderOnly, default_positions, init_cache
 
@@ -86,3 +87,28 @@ def test_invalid_config_names_fields():
         CFG.replace(num_heads=5)
     with pytest.raises(ValueError, match=r"dtype='float33'"):
         CFG.replace(dtype="float33")
+
+
+@pytest.mark.parametrize(
+    "spec, x_shape, w_shape",
+    [
+        ("btd,df->btf", (3, 5, 8), (8, 6)),
+        ("btd,ndh->btnh", (2, 7, 8), (3, 8, 4)),
+        ("btnh,nhd->btd", (3, 5, 3, 4), (3, 4, 8)),
+        ("btd,vd->btv", (2, 5, 8), (11, 8)),
+    ],
+)
+def test_token_einsum_equals_einsum(spec, x_shape, w_shape):
+    """Merging the two token axes changes how XLA lays the matmuls out, not the numbers:
+    values and both gradients as jnp.einsum's."""
+    kx, kw, kg = jax.random.split(jax.random.key(3), 3)
+    x, w = jax.random.normal(kx, x_shape), jax.random.normal(kw, w_shape)
+    out_shape = jax.eval_shape(lambda: jnp.einsum(spec, x, w)).shape
+    g = jax.random.normal(kg, out_shape)
+    want, want_vjp = jax.vjp(lambda x, w: jnp.einsum(spec, x, w), x, w)
+    got, got_vjp = jax.vjp(lambda x, w: layers.token_einsum(spec, x, w), x, w)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(got_vjp(g), want_vjp(g)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="token axes"):
+        layers.token_einsum("btd,df->tbf", x if x.ndim == 3 else x[..., 0], w)

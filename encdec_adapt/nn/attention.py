@@ -226,7 +226,7 @@ class Attention(nnx.Module):
 
     def queries(self, x: jax.Array, positions: jax.Array) -> jax.Array:
         """[B, T, D], [B, T] -> scaled, rotated queries [B, T, N, H]."""
-        q = jnp.einsum("btd,ndh->btnh", x, self.q[...].astype(x.dtype))
+        q = layers.token_einsum("btd,ndh->btnh", x, self.q[...].astype(x.dtype))
         if self.q_norm is not None:
             q = self.q_norm(q)
         if self.rope_base is not None:
@@ -238,8 +238,8 @@ class Attention(nnx.Module):
 
     def keys_values(self, x: jax.Array, positions: jax.Array | None) -> KV:
         """[B, S, D_kv], [B, S] -> rotated keys and values, each [B, S, K, H]."""
-        k = jnp.einsum("bsd,kdh->bskh", x, self.k[...].astype(x.dtype))
-        v = jnp.einsum("bsd,kdh->bskh", x, self.v[...].astype(x.dtype))
+        k = layers.token_einsum("bsd,kdh->bskh", x, self.k[...].astype(x.dtype))
+        v = layers.token_einsum("bsd,kdh->bskh", x, self.v[...].astype(x.dtype))
         if self.k_norm is not None:
             k = self.k_norm(k)
         if self.rope_base is not None:
@@ -291,4 +291,4 @@ class Attention(nnx.Module):
             logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), _MASK_VALUE)
             probs = jax.nn.softmax(logits, axis=-1).astype(kv.v.dtype)
             out = jnp.einsum(f"bkgts,{kv_spec}->btkgh", probs, kv.v).reshape(b, t, n, h)
-        return jnp.einsum("btnh,nhd->btd", out, self.o[...].astype(out.dtype))
+        return layers.token_einsum("btnh,nhd->btd", out, self.o[...].astype(out.dtype))

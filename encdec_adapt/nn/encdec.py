@@ -106,8 +106,8 @@ def project_cross_kv(attn: Attention, encoded: jax.Array) -> KV:
     it too: HF applies no RoPE to the encoder keys there either.
     """
     dt = encoded.dtype
-    k = jnp.einsum("bsd,kdh->bskh", encoded, attn.k[...].astype(dt))
-    v = jnp.einsum("bsd,kdh->bskh", encoded, attn.v[...].astype(dt))
+    k = layers.token_einsum("bsd,kdh->bskh", encoded, attn.k[...].astype(dt))
+    v = layers.token_einsum("bsd,kdh->bskh", encoded, attn.v[...].astype(dt))
     if attn.k_norm is not None:
         k = attn.k_norm(k)
     axes = ("activation_batch", "activation_length", "activation_kv_heads", None)

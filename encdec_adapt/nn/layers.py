@@ -72,6 +72,21 @@ class RMSNorm(nnx.Module):
         return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
 
 
+def token_einsum(spec: str, x: jax.Array, w: jax.Array) -> jax.Array:
+    """`jnp.einsum(spec, x, w)` for a weight projection of [B, T, ...] activations, with B and T
+    merged into one token axis first (spec e.g. "btd,df->btf"; the output starts with the
+    same two axes). The numbers are the same. The weight's gradient contracts over the tokens:
+    over two axes (B and T) XLA:CPU leaves its XNNPACK matmuls and transposes the activations'
+    gradient first (a quarter of bench_train's step); over one it is a plain matmul."""
+    lhs, rest = spec.split(",")
+    w_spec, out = rest.split("->")
+    if lhs[:2] != out[:2] or "m" in spec:
+        raise ValueError(f"token_einsum: {spec!r} does not map the two token axes through")
+    b, t = x.shape[:2]
+    y = jnp.einsum(f"m{lhs[2:]},{w_spec}->m{out[2:]}", x.reshape(b * t, *x.shape[2:]), w)
+    return y.reshape(b, t, *y.shape[1:])
+
+
 def lookup(table: jax.Array, tokens: jax.Array) -> jax.Array:
     """Rows of a [V, D] table: [B, T] int -> [B, T, D] (`jnp.take`).
 
@@ -119,7 +134,7 @@ class Embedder(nnx.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, V] logits."""
-        return jnp.einsum("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
+        return token_einsum("btd,vd->btv", x, self.embedding[...].astype(x.dtype))
 
 
 class FeedForward(nnx.Module):
@@ -134,8 +149,8 @@ class FeedForward(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """[B, T, D] -> [B, T, D]."""
         dt = x.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.gate[...].astype(dt))
-        up = jnp.einsum("btd,df->btf", x, self.up[...].astype(dt))
+        gate = token_einsum("btd,df->btf", x, self.gate[...].astype(dt))
+        up = token_einsum("btd,df->btf", x, self.up[...].astype(dt))
         h = jax.nn.gelu(gate, approximate=True) * up
         h = sharding.constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return jnp.einsum("btf,fd->btd", h, self.down[...].astype(dt))
+        return token_einsum("btf,fd->btd", h, self.down[...].astype(dt))

@@ -291,7 +291,7 @@ def output_logits(
     if lm_head is None:
         logits = embedder.decode(hidden)
     else:
-        logits = jnp.einsum("btd,vd->btv", hidden, lm_head[...].astype(hidden.dtype))
+        logits = layers.token_einsum("btd,vd->btv", hidden, lm_head[...].astype(hidden.dtype))
     logits = sharding.constrain(
         logits, ("activation_batch", "activation_length", "activation_vocab")
     )
