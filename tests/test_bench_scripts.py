@@ -41,3 +41,13 @@ def test_bench_decode_small():
          "--batch_sizes", "2", "--input_len", "16", "--new_tokens", "6"]
     )  # fmt: skip
     assert "| 2 |" in out, out  # the script asserts equal token ids itself
+
+
+@pytest.mark.slow
+def test_profile_train_small():
+    """The trace is read back: the step's matmuls show up as timed XLA thunks."""
+    out = _run([sys.executable, "scripts/profile_train.py", "--small", "--steps", "1",
+                "--instances", "3"])  # fmt: skip
+    rows = [line for line in out.splitlines() if line.startswith("| matmul")]
+    assert len(rows) == 1 and float(rows[0].split("|")[2]) > 0, out
+    assert "jit(_gradients)" in out, out  # instructions named from the HLO
