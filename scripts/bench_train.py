@@ -105,16 +105,21 @@ def matmul_peak_torch(n: int = 2048, reps: int = 8) -> float:
     return 2 * n**3 / best
 
 
-def setup_jax(cfg: EncoderDecoderConfig, batch: dict) -> bench_ab.Side:
-    """The project's Trainer step (loss + grad + AdamW, donated state), compiled."""
-    small = cfg.decoder.embed_dim < 256
+def bench_trainer(cfg: EncoderDecoderConfig) -> trainer.Trainer:
+    """The benchmark's Trainer: the encoder-decoder's loss, AdamW, one device."""
     rules = sharding.MeshRules(mesh_shape=(1, -1, 1))
-    t = trainer.Trainer(
+    return trainer.Trainer(
         models.EncoderDecoderModel(config=cfg),
         optim.OptimizerConfig(name="adamw", learning_rate=1e-4),
         rules.make_mesh(),
         rules,
     )
+
+
+def setup_jax(cfg: EncoderDecoderConfig, batch: dict) -> bench_ab.Side:
+    """The project's Trainer step (loss + grad + AdamW, donated state), compiled."""
+    small = cfg.decoder.embed_dim < 256
+    t = bench_trainer(cfg)
     holder = {"state": t.init_state()}
     global_batch = t.shard_batch(batch)
     compiled = t.compile_step(holder["state"], global_batch)

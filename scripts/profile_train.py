@@ -37,10 +37,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_train
 import jax
 
-from encdec_adapt.models import generative as models
-from encdec_adapt.parallel import sharding
-from encdec_adapt.runtime import optim, trainer
-
 # Events of the runtime around the thunks, not ops of the step.
 RUNTIME = re.compile(
     r"^(\$|end: |PjitFunction|ThreadpoolListener|CommonPjRt|ParseArguments|Handle |Allocate|"
@@ -92,13 +88,7 @@ def main(argv=None) -> int:
     if args.small:
         args.inputs, args.targets = min(args.inputs, 64), min(args.targets, 16)
     cfg = bench_train.bench_config(args.small)
-    rules = sharding.MeshRules(mesh_shape=(1, -1, 1))
-    t = trainer.Trainer(
-        models.EncoderDecoderModel(config=cfg),
-        optim.OptimizerConfig(name="adamw", learning_rate=1e-4),
-        rules.make_mesh(),
-        rules,
-    )
+    t = bench_train.bench_trainer(cfg)
     state = t.init_state()
     batch = t.shard_batch(bench_train.make_batch(cfg, args.batch, args.inputs, args.targets))
     step = t.compile_step(state, batch)
