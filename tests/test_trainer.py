@@ -171,7 +171,7 @@ def _optax_step(t, state, batch):
     [
         {"name": "adamw", "weight_decay": 0.1},
         {"name": "adafactor", "clip_norm": 0.5},
-        {"name": "sgd", "freeze": ("^embedder/",)},
+        pytest.param({"name": "sgd", "freeze": ("^embedder/",)}, marks=pytest.mark.slow),
     ],
     ids=["adamw", "adafactor_clip", "sgd_momentum_freeze"],
 )
@@ -191,6 +191,8 @@ def test_step_applies_the_optax_update_and_skips_a_non_finite_one(model, opt):
             for a, w in zip(jax.tree.leaves(_host(got)), jax.tree.leaves(want)):
                 np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-7)
         assert int(state.step) == int(before.step) + 1 and int(m["skipped_updates"]) == 0
+    if opt["name"] != "adamw":  # one optimizer suffices: the skip does not look at the update rule
+        return
     huge = _trainer(model, *one, **{**opt, "learning_rate": 1e30})
     before = _host(state)
     state, m = huge.train_step(state, huge.shard_batch(batch[0]))
