@@ -153,7 +153,7 @@ class Trainer:
             skipped=replicated,
         )
         self.replicated = replicated
-        self._train_step = None
+        self._train_steps: dict[tuple, CompiledStep] = {}
         self._eval_step = None
         self._init_jit = None
 
@@ -381,9 +381,11 @@ class Trainer:
     def train_step(self, state: TrainState, batch: dict[str, jax.Array]):
         """One optimizer step: (state, global batch) -> (new state, metric sums). `state` is
         donated: do not use it afterwards."""
-        if self._train_step is None:
-            self._train_step = self.compile_step(state, batch)
-        return self._train_step(state, batch)
+        # One compile per batch layout, as `jax.jit` itself would retrace a new one.
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in sorted(batch.items()))
+        if key not in self._train_steps:
+            self._train_steps[key] = self.compile_step(state, batch)
+        return self._train_steps[key](state, batch)
 
     def eval_step(self, params: PyTree, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """Metric sums of one global batch (no dropout)."""
