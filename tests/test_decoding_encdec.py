@@ -1,5 +1,9 @@
-"""Decoding an EncoderDecoder: cached steps equal full recompute, beam search vs greedy."""
+"""Decoding an EncoderDecoder: cached steps equal full recompute, beam search vs greedy; the
+decoding loop of both model kinds reads attention weights in place."""
 
+import re
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +12,7 @@ from flax import nnx
 from encdec_adapt.models import decoding
 from encdec_adapt.nn.config import EncoderDecoderConfig, load_preset
 from encdec_adapt.nn.encdec import EncoderDecoder
+from encdec_adapt.nn.transformer import DecoderOnly
 
 TINY = load_preset("gemma_tiny").replace(num_layers=2, vocab_size=64, sliding_window=3)
 MAX_LEN = 8
@@ -112,3 +117,56 @@ def test_greedy_and_scores_equal_transformers_t5gemma(tmp_path):
             gen.sequences, gen.scores, normalize_logits=True
         )
         np.testing.assert_allclose(float(out.scores[b]), float(transition.sum()), atol=1e-4)
+
+
+def _copied_operand_shapes(hlo: str) -> set[tuple[int, ...]]:
+    """Shapes of the arrays that a transpose or copy inside the compiled while loop reads (the
+    loop body and every computation it calls, fusions included)."""
+    bodies = {}
+    for m in re.finditer(r"^%?([\w.\-]+) [^\n]*\{\n(.*?)\n\}", hlo, re.S | re.M):
+        bodies[m.group(1)] = m.group(2)
+    pending = re.findall(r"body=%([\w.\-]+)", hlo)
+    seen, shapes = set(), set()
+    while pending:
+        name = pending.pop()
+        if name in seen or name not in bodies:
+            continue
+        seen.add(name)
+        text = bodies[name]
+        pending += re.findall(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)", text)
+        dims = dict(re.findall(r"%([\w.\-]+) = \w+\[([\d,]*)\]", text))
+        for operand in re.findall(r"= \w+\[[\d,]*\]\S* (?:transpose|copy)\(%([\w.\-]+)\)", text):
+            if operand in dims:
+                shapes.add(tuple(int(d) for d in dims[operand].split(",") if d))
+    return shapes
+
+
+@pytest.mark.parametrize("kind", ["encoder_decoder", "decoder_only"])
+def test_the_decoding_loop_reads_attention_weights_without_copying_them(kind):
+    # D (96) != N * H (4 * 16): a weight and its transposed copy have different shapes.
+    cfg = TINY.replace(embed_dim=96, hidden_dim=128)
+    if kind == "encoder_decoder":
+        net = EncoderDecoder(EncoderDecoderConfig(encoder=cfg, decoder=cfg), rngs=nnx.Rngs(0))
+    else:
+        net = DecoderOnly(cfg, rngs=nnx.Rngs(0))
+    weights = {
+        tuple(node.shape)
+        for path, node in nnx.to_flat_state(nnx.state(net, nnx.Param))
+        if path[-1] in ("q", "k", "v", "o")
+    }
+    assert len(weights) == 3  # [N, D, H], [K, D, H], [N, H, D]
+    graphdef, state = nnx.split(net)
+    decode_cfg = decoding.DecodeConfig(max_decode_len=4, eos_id=-1)
+    tokens = jnp.ones((2, 5), jnp.int32)
+
+    def generate_tokens(state):
+        m = nnx.merge(graphdef, state)
+        if kind == "encoder_decoder":
+            start = decoding.encoder_decoder_start(m, tokens, 4)
+        else:
+            start = decoding.decoder_only_start(m, tokens, jnp.array([5, 3]), 4)
+        return decoding.decode(*start, decode_cfg).tokens
+
+    hlo = jax.jit(generate_tokens).lower(state).compile().as_text()
+    assert "while" in hlo
+    assert not (_copied_operand_shapes(hlo) & weights)

@@ -20,8 +20,10 @@ from typing import Any, NamedTuple
 import gin
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from encdec_adapt.errors import ConfigError
+from encdec_adapt.nn.attention import Attention
 from encdec_adapt.nn.transformer import init_cache
 
 StepFn = Callable[[jax.Array, Any], tuple[jax.Array, Any]]
@@ -265,6 +267,54 @@ def decode(
 
 # ---- model adapters -------------------------------------------------------------------------
 
+_PROJECTIONS = ("q", "k", "v", "o")
+
+
+def _swap_head_axis(w: jax.Array) -> jax.Array:
+    """[N, D, H] <-> [D, N, H] (query / key / value), [N, H, D] <-> [H, N, D] (output)."""
+    return jnp.swapaxes(w, 0, 1)
+
+
+def _key(path: tuple) -> str:
+    return "/".join(map(str, path))
+
+
+def loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
+    """A function that rebuilds `model` inside a decoding loop's body, its attention weights
+    brought into the layout the step's matmuls read once, before the loop.
+
+    XLA:CPU runs each attention projection as a 2-D matmul over a copy of the weight in
+    [D, N, H] (query / key / value) or [H, N, D] (output) order, and inside a while loop it makes
+    that copy at every step (a sixth of a step at batch 1, measured). Here each weight is
+    transposed once outside the loop and back inside it; the `optimization_barrier` keeps XLA
+    from cancelling the pair across the loop boundary, and the inner transpose folds into the
+    matmul. The numbers are those of `model`. Other backends fold the transposes into their
+    matmuls anyway, so there `model` itself is returned (no second copy of the weights).
+    """
+    if jax.default_backend() != "cpu":
+        return lambda: model
+    graphdef, state = nnx.split(model)
+    projections = {
+        path + (name,)
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, Attention)
+        for name in _PROJECTIONS
+    }
+    flat = list(nnx.to_flat_state(state))
+    # String keys: pytree dicts sort their keys, and paths mix ints and strings.
+    laid = {_key(path): _swap_head_axis(v[...]) for path, v in flat if path in projections}
+
+    def rebuild() -> nnx.Module:
+        weights = jax.lax.optimization_barrier(laid)
+        restored = [
+            (path, v.replace(_swap_head_axis(weights[_key(path)])) if path in projections else v)
+            for path, v in flat
+        ]
+        return nnx.merge(graphdef, nnx.from_flat_state(restored))
+
+    return rebuild
+
+
 
 class DecoderOnlyState(NamedTuple):
     """Decoding state of a DecoderOnly model: its cache and each row's next position [B]."""
@@ -291,9 +341,10 @@ def decoder_only_start(
     cache = init_cache(model.config, b, p + max_decode_len)
     logits, cache = model(prompts, segment_ids=segment_ids, cache=cache)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    in_loop = loop_model(model)
 
     def step_fn(tokens, state: DecoderOnlyState):
-        logits, cache = model(
+        logits, cache = in_loop()(
             tokens[:, None],
             segment_ids=jnp.ones_like(tokens)[:, None],
             positions=state.next_positions[:, None],
@@ -354,9 +405,10 @@ def encoder_decoder_start(
     cache = model.init_cache(b, max_decode_len + 1)
     start = jnp.full((b, 1), decoder_start_id, jnp.int32)
     logits, cache = model.decode(start, cross, cache=cache)
+    in_loop = loop_model(model)
 
     def step_fn(tokens, state: EncoderDecoderState):
-        logits, cache = model.decode(tokens[:, None], state.cross, cache=state.cache)
+        logits, cache = in_loop().decode(tokens[:, None], state.cross, cache=state.cache)
         return logits[:, 0], EncoderDecoderState(cache, state.cross)
 
     return step_fn, logits[:, 0], EncoderDecoderState(cache, cross)
