@@ -13,10 +13,10 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     ).strip()
-# Tests that run `encdec-adapt` in child processes compile the same small programs again and
-# again: the children share a JAX compilation cache (about a third of a tiny train run). This
-# process and the xdist workers keep compiling in memory only, as users' code does: the
-# variables are set for children after jax has read its configuration here.
+# The suite compiles the same small programs again and again (tiny train steps in many tests, and
+# in `encdec-adapt` child processes): this process, the xdist workers and their children share one
+# JAX compilation cache for the run (a sixth of the trainer tests' time; a third of a tiny train
+# run in a child). It starts empty and is removed at the end, so every run compiles afresh.
 _OWN_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ  # else a user's, or the xdist parent's
 _CHILD_CACHE = {
     "JAX_COMPILATION_CACHE_DIR": os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
@@ -31,6 +31,9 @@ import jax  # noqa: E402 (after the environment above)
 import pytest  # noqa: E402
 
 os.environ.update(_CHILD_CACHE)
+jax.config.update("jax_compilation_cache_dir", _CHILD_CACHE["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -279,7 +279,7 @@ def _key(path: tuple) -> str:
     return "/".join(map(str, path))
 
 
-def loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
+def _loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
     """A function that rebuilds `model` inside a decoding loop's body, its attention weights
     brought into the layout the step's matmuls read once, before the loop.
 
@@ -295,7 +295,7 @@ def loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
         return lambda: model
     graphdef, state = nnx.split(model)
     projections = {
-        path + (name,)
+        (*path, name)
         for path, node in nnx.iter_graph(model)
         if isinstance(node, Attention)
         for name in _PROJECTIONS
@@ -313,7 +313,6 @@ def loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
         return nnx.merge(graphdef, nnx.from_flat_state(restored))
 
     return rebuild
-
 
 
 class DecoderOnlyState(NamedTuple):
@@ -341,7 +340,7 @@ def decoder_only_start(
     cache = init_cache(model.config, b, p + max_decode_len)
     logits, cache = model(prompts, segment_ids=segment_ids, cache=cache)
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
-    in_loop = loop_model(model)
+    in_loop = _loop_model(model)
 
     def step_fn(tokens, state: DecoderOnlyState):
         logits, cache = in_loop()(
@@ -405,7 +404,7 @@ def encoder_decoder_start(
     cache = model.init_cache(b, max_decode_len + 1)
     start = jnp.full((b, 1), decoder_start_id, jnp.int32)
     logits, cache = model.decode(start, cross, cache=cache)
-    in_loop = loop_model(model)
+    in_loop = _loop_model(model)
 
     def step_fn(tokens, state: EncoderDecoderState):
         logits, cache = in_loop().decode(tokens[:, None], state.cross, cache=state.cache)
