@@ -288,7 +288,8 @@ def _loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
     that copy at every step (a sixth of a step at batch 1, measured). Here each weight is
     transposed once outside the loop and back inside it; the `optimization_barrier` keeps XLA
     from cancelling the pair across the loop boundary, and the inner transpose folds into the
-    matmul. The numbers are those of `model`. Other backends fold the transposes into their
+    matmul. The model's math is unchanged (a matmul may add in another order: last-bit
+    differences, as between batch sizes). Other backends fold the transposes into their
     matmuls anyway, so there `model` itself is returned (no second copy of the weights).
     """
     if jax.default_backend() != "cpu":
