@@ -275,10 +275,6 @@ def _swap_head_axis(w: jax.Array) -> jax.Array:
     return jnp.swapaxes(w, 0, 1)
 
 
-def _key(path: tuple) -> str:
-    return "/".join(map(str, path))
-
-
 def _loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
     """A function that rebuilds `model` inside a decoding loop's body, its attention weights
     brought into the layout the step's matmuls read once, before the loop.
@@ -291,6 +287,7 @@ def _loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
     matmul. The model's math is unchanged (a matmul may add in another order: last-bit
     differences, as between batch sizes). Other backends fold the transposes into their
     matmuls anyway, so there `model` itself is returned (no second copy of the weights).
+    Weights the loop does not read (an encoder's) are dropped by XLA with their transposes.
     """
     if jax.default_backend() != "cpu":
         return lambda: model
@@ -302,14 +299,14 @@ def _loop_model(model: nnx.Module) -> Callable[[], nnx.Module]:
         for name in _PROJECTIONS
     }
     flat = list(nnx.to_flat_state(state))
-    # String keys: pytree dicts sort their keys, and paths mix ints and strings.
-    laid = {_key(path): _swap_head_axis(v[...]) for path, v in flat if path in projections}
+    moved = [i for i, (path, _) in enumerate(flat) if path in projections]
+    laid = [_swap_head_axis(flat[i][1][...]) for i in moved]
 
     def rebuild() -> nnx.Module:
-        weights = jax.lax.optimization_barrier(laid)
+        weights = dict(zip(moved, jax.lax.optimization_barrier(laid), strict=True))
         restored = [
-            (path, v.replace(_swap_head_axis(weights[_key(path)])) if path in projections else v)
-            for path, v in flat
+            (path, v.replace(_swap_head_axis(weights[i])) if i in weights else v)
+            for i, (path, v) in enumerate(flat)
         ]
         return nnx.merge(graphdef, nnx.from_flat_state(restored))
 
